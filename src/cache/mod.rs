@@ -1,0 +1,630 @@
+//! The token cache: moka for storage and per-entry expiry, plus what moka lacks —
+//! refresh-ahead, single-flight across cold misses *and* refreshes, stale-while-error,
+//! and back-off that keeps a failing identity provider from being hammered.
+//!
+//! Hot path: one moka lookup and a fingerprint compare; the answer body was serialized
+//! when the token was stored and is handed out as a refcounted `Bytes`.
+//!
+//! Everything that coordinates fetches lives in one `std::sync::Mutex<HashMap>` of key
+//! records, touched only on misses, refreshes and failures, and never held across an
+//! await. Each fetch runs in its own task, so a client hanging up cannot cancel it.
+
+pub mod schedule;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use crate::config::{CredentialKey, CredentialSet};
+use crate::metrics::{CacheEvent, Metrics, RefreshOutcome};
+use crate::protocol;
+use crate::provider::{ErrorClass, ProviderError};
+use crate::upstream::Upstream;
+use schedule::{Freshness, Policy};
+
+/// A token as served: the pre-serialized answer and its timing.
+#[derive(Debug)]
+pub struct CachedToken {
+    /// `{"user","accessToken"}`, serialized once.
+    pub body: Bytes,
+    /// The credential set's fingerprint at fetch time: a token from superseded
+    /// credentials is never served.
+    pub fingerprint: [u8; 32],
+    /// When it expires (measured from when the request was sent, to be safe).
+    pub expires_at: Instant,
+    /// Wall-clock expiry, for status pages.
+    pub expires_at_wall: SystemTime,
+    /// Served as fresh only with at least this much life left.
+    pub min_life: Duration,
+}
+
+/// How a request was answered from the cache (a metric label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A fresh cached token.
+    Hit,
+    /// Waited for a fetch that was already under way.
+    Joined,
+    /// Started the fetch and waited for it.
+    Miss,
+    /// The refresh failed; a still-valid older token was served.
+    Stale,
+}
+
+/// Why no token could be served.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CacheError {
+    /// Not available yet (provider down, fetch under way, backing off): EmailEngine
+    /// should retry after `retry_after`.
+    #[error("token not available yet: {reason}")]
+    Unavailable {
+        /// When to retry.
+        retry_after: Duration,
+        /// Why, safe to show.
+        reason: String,
+    },
+    /// The provider refused the grant; a person must act.
+    #[error("token refresh failed permanently: {error}")]
+    Failed {
+        /// The provider's name in the config.
+        provider: Arc<str>,
+        /// The error.
+        error: ProviderError,
+    },
+}
+
+type FetchResult = Result<Arc<CachedToken>, Arc<ProviderError>>;
+/// A fetch under way, awaitable by any number of callers.
+pub type Flight = Shared<BoxFuture<'static, FetchResult>>;
+
+/// The last failure of a key and when to try again.
+#[derive(Debug, Clone)]
+struct Failure {
+    error: ProviderError,
+    at: SystemTime,
+    retry_at: Instant,
+    consecutive: u32,
+}
+
+/// Coordination state of one key.
+struct KeyRecord {
+    set: Arc<CredentialSet>,
+    /// Bumped whenever the key's credentials are replaced or removed: results of older
+    /// fetches are then not stored.
+    generation: u64,
+    inflight: Option<Flight>,
+    failure: Option<Failure>,
+    last_ok: Option<SystemTime>,
+    /// Expiry of the stored token of this generation.
+    expires: Option<(Instant, SystemTime)>,
+    timer: Option<AbortHandle>,
+}
+
+impl KeyRecord {
+    fn new(set: Arc<CredentialSet>, generation: u64) -> Self {
+        KeyRecord {
+            set,
+            generation,
+            inflight: None,
+            failure: None,
+            last_ok: None,
+            expires: None,
+            timer: None,
+        }
+    }
+
+    /// Forget everything about the old credentials.
+    fn reset(&mut self, set: Arc<CredentialSet>, generation: u64) {
+        if let Some(t) = self.timer.take() {
+            t.abort();
+        }
+        *self = KeyRecord::new(set, generation);
+    }
+}
+
+/// State of one credential set, for the admin API and the metrics.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyStatus {
+    /// The account id.
+    pub account: String,
+    /// Provider name.
+    pub provider: String,
+    /// Grant.
+    pub grant: &'static str,
+    /// Scopes.
+    pub scopes: Vec<String>,
+    /// ok, refreshing, failing_transient or failed_permanent.
+    pub state: &'static str,
+    /// When the current token expires (RFC 3339), if there is one.
+    pub token_expires_at: Option<String>,
+    /// Seconds of life left on the current token.
+    pub token_remaining_seconds: Option<u64>,
+    /// When the last refresh succeeded (RFC 3339).
+    pub last_refresh_at: Option<String>,
+    /// The last error, if the last attempt failed.
+    pub last_error: Option<ErrorStatus>,
+}
+
+/// The last error of a key (codes only, never a description or a secret).
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorStatus {
+    /// transient or permanent.
+    pub class: &'static str,
+    /// OAuth2 or our error code.
+    pub code: String,
+    /// Provider code (AADSTS…).
+    pub provider_code: Option<String>,
+    /// What to do.
+    pub hint: Option<&'static str>,
+    /// When it happened (RFC 3339).
+    pub at: String,
+    /// Failures in a row.
+    pub consecutive_failures: u32,
+    /// Seconds until the next attempt.
+    pub retry_in_seconds: u64,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// The token cache.
+pub struct TokenCache {
+    tokens: moka::future::Cache<CredentialKey, Arc<CachedToken>>,
+    keys: Mutex<HashMap<CredentialKey, KeyRecord>>,
+    next_generation: std::sync::atomic::AtomicU64,
+    upstream: Arc<Upstream>,
+    policy: Policy,
+    metrics: Arc<Metrics>,
+}
+
+/// Expires moka entries with their token, so memory follows the live token set.
+struct TokenExpiry;
+
+impl moka::Expiry<CredentialKey, Arc<CachedToken>> for TokenExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &CredentialKey,
+        value: &Arc<CachedToken>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.expires_at.saturating_duration_since(Instant::now()))
+    }
+
+    fn expire_after_update(
+        &self,
+        key: &CredentialKey,
+        value: &Arc<CachedToken>,
+        updated_at: std::time::Instant,
+        _current: Option<Duration>,
+    ) -> Option<Duration> {
+        self.expire_after_create(key, value, updated_at)
+    }
+}
+
+impl TokenCache {
+    /// A cache fetching through `upstream` with the given timing rules.
+    pub fn new(upstream: Arc<Upstream>, policy: Policy, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(TokenCache {
+            tokens: moka::future::Cache::builder()
+                .expire_after(TokenExpiry)
+                .build(),
+            keys: Mutex::new(HashMap::new()),
+            next_generation: std::sync::atomic::AtomicU64::new(1),
+            upstream,
+            policy,
+            metrics,
+        })
+    }
+
+    /// The timing rules.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<CredentialKey, KeyRecord>> {
+        // Every critical section leaves the map consistent before it can panic.
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn generation(&self) -> u64 {
+        self.next_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Serves a token for `set`: from memory when fresh, else by joining (or starting)
+    /// the one fetch for its key, waiting at most the policy's `request_wait`.
+    pub async fn get(
+        self: &Arc<Self>,
+        set: &Arc<CredentialSet>,
+    ) -> Result<(Bytes, Source), CacheError> {
+        let cached = self
+            .tokens
+            .get(&set.key)
+            .await
+            .filter(|t| t.fingerprint == set.fingerprint);
+        if let Some(tok) = &cached {
+            let remaining = tok.expires_at.checked_duration_since(Instant::now());
+            if schedule::freshness(remaining, tok.min_life) == Freshness::Fresh {
+                self.metrics.cache_event(CacheEvent::Hit);
+                return Ok((tok.body.clone(), Source::Hit));
+            }
+        }
+        let result = self.fetch_or_join(set).await;
+        match result {
+            Ok((tok, source)) => {
+                self.metrics.cache_event(match source {
+                    Source::Joined => CacheEvent::Joined,
+                    _ => CacheEvent::Miss,
+                });
+                Ok((tok.body.clone(), source))
+            }
+            Err(e) => match cached {
+                Some(tok) if tok.expires_at > Instant::now() => {
+                    self.metrics.cache_event(CacheEvent::StaleServed);
+                    Ok((tok.body.clone(), Source::Stale))
+                }
+                _ => {
+                    self.metrics.cache_event(CacheEvent::Miss);
+                    Err(e)
+                }
+            },
+        }
+    }
+
+    /// Joins the fetch under way for the key, or starts one unless the key is backing
+    /// off after a failure.
+    async fn fetch_or_join(
+        self: &Arc<Self>,
+        set: &Arc<CredentialSet>,
+    ) -> Result<(Arc<CachedToken>, Source), CacheError> {
+        let (flight, source) = {
+            let mut keys = self.lock();
+            let now = Instant::now();
+            let rec = self.record_for(&mut keys, set);
+            if let Some(f) = &rec.inflight {
+                (f.clone(), Source::Joined)
+            } else if let Some(fail) = rec.failure.as_ref().filter(|f| f.retry_at > now) {
+                return Err(self.failure_error(set, fail, now));
+            } else {
+                (self.start_flight(rec), Source::Miss)
+            }
+        };
+        match tokio::time::timeout(self.policy.request_wait, flight).await {
+            Ok(Ok(tok)) => Ok((tok, source)),
+            Ok(Err(e)) => Err(self.error_from(set, &e, None)),
+            Err(_) => Err(CacheError::Unavailable {
+                retry_after: Duration::from_secs(1),
+                reason: "the identity provider has not answered yet".into(),
+            }),
+        }
+    }
+
+    /// The record for `set`'s key, reset if the credentials changed since it was made.
+    fn record_for<'a>(
+        &self,
+        keys: &'a mut HashMap<CredentialKey, KeyRecord>,
+        set: &Arc<CredentialSet>,
+    ) -> &'a mut KeyRecord {
+        let generation = self.generation();
+        let rec = keys
+            .entry(set.key.clone())
+            .or_insert_with(|| KeyRecord::new(set.clone(), generation));
+        if rec.set.fingerprint != set.fingerprint {
+            rec.reset(set.clone(), generation);
+        }
+        rec
+    }
+
+    fn failure_error(&self, set: &CredentialSet, fail: &Failure, now: Instant) -> CacheError {
+        self.error_from(
+            set,
+            &fail.error,
+            Some(fail.retry_at.saturating_duration_since(now)),
+        )
+    }
+
+    fn error_from(
+        &self,
+        set: &CredentialSet,
+        e: &ProviderError,
+        retry_in: Option<Duration>,
+    ) -> CacheError {
+        match e.class {
+            ErrorClass::Permanent => CacheError::Failed {
+                provider: set.provider_name.clone(),
+                error: e.clone(),
+            },
+            ErrorClass::Transient => CacheError::Unavailable {
+                retry_after: retry_in.or(e.retry_after).unwrap_or(Duration::from_secs(1)),
+                reason: format!("the identity provider failed: {e}"),
+            },
+        }
+    }
+
+    /// Starts the fetch for a record (caller holds the lock and checked none is running).
+    fn start_flight(self: &Arc<Self>, rec: &mut KeyRecord) -> Flight {
+        let this = self.clone();
+        let set = rec.set.clone();
+        let generation = rec.generation;
+        let handle = tokio::spawn(async move { this.run_fetch(set, generation).await });
+        let flight = async move {
+            match handle.await {
+                Ok(r) => r,
+                Err(_) => Err(Arc::new(ProviderError::transient("fetch_task_failed"))),
+            }
+        }
+        .boxed()
+        .shared();
+        rec.inflight = Some(flight.clone());
+        flight
+    }
+
+    /// One upstream fetch and its bookkeeping; runs in its own task.
+    async fn run_fetch(self: Arc<Self>, set: Arc<CredentialSet>, generation: u64) -> FetchResult {
+        let sent_at = Instant::now();
+        let sent_at_wall = SystemTime::now();
+        let result = self.upstream.fetch(&set).await;
+        let result = result.and_then(|grant| {
+            let lifetime = match grant.expires_in {
+                Some(l) => l,
+                None => {
+                    tracing::info!(account = %set.key.account, provider = %set.provider_name,
+                        assumed_seconds = self.policy.default_lifetime.as_secs(),
+                        "token response has no expires_in; assuming a conservative lifetime");
+                    self.policy.default_lifetime
+                }
+            };
+            let body = protocol::token_answer(&set.user, &grant.access_token).map_err(|e| {
+                ProviderError {
+                    hint: Some(match e {
+                        protocol::AnswerError::AccessToken => {
+                            "the access token is longer than EmailEngine accepts"
+                        }
+                        _ => "the answer would not pass EmailEngine's validation",
+                    }),
+                    ..ProviderError::transient("invalid_response")
+                }
+            })?;
+            let plan = schedule::plan(lifetime, &self.policy, fastrand::f64());
+            Ok((
+                Arc::new(CachedToken {
+                    body,
+                    fingerprint: set.fingerprint,
+                    expires_at: sent_at + lifetime,
+                    expires_at_wall: sent_at_wall + lifetime,
+                    min_life: plan.min_life,
+                }),
+                sent_at + plan.refresh_after,
+            ))
+        });
+        match result {
+            Ok((tok, refresh_at)) => {
+                self.metrics
+                    .refresh(&set.provider_name, RefreshOutcome::Ok, sent_at.elapsed());
+                if !self.is_current(&set.key, generation) {
+                    return Ok(tok);
+                }
+                self.tokens.insert(set.key.clone(), tok.clone()).await;
+                let superseded = {
+                    let mut keys = self.lock();
+                    match keys.get_mut(&set.key) {
+                        Some(rec) if rec.generation == generation => {
+                            rec.inflight = None;
+                            rec.failure = None;
+                            rec.last_ok = Some(SystemTime::now());
+                            rec.expires = Some((tok.expires_at, tok.expires_at_wall));
+                            self.schedule(rec, &set.key, refresh_at);
+                            false
+                        }
+                        _ => true,
+                    }
+                };
+                if superseded {
+                    self.tokens.invalidate(&set.key).await;
+                }
+                Ok(tok)
+            }
+            Err(e) => {
+                let outcome = match e.class {
+                    ErrorClass::Transient => RefreshOutcome::Transient,
+                    ErrorClass::Permanent => RefreshOutcome::Permanent,
+                };
+                self.metrics
+                    .refresh(&set.provider_name, outcome, sent_at.elapsed());
+                let mut keys = self.lock();
+                if let Some(rec) = keys
+                    .get_mut(&set.key)
+                    .filter(|r| r.generation == generation)
+                {
+                    let consecutive = rec.failure.as_ref().map_or(0, |f| f.consecutive) + 1;
+                    let delay = match e.class {
+                        ErrorClass::Permanent => self.policy.permanent_retry,
+                        ErrorClass::Transient => schedule::backoff(
+                            consecutive,
+                            e.retry_after,
+                            &self.policy,
+                            fastrand::f64(),
+                        ),
+                    };
+                    let retry_at = Instant::now() + delay;
+                    tracing::warn!(
+                        account = %set.key.account,
+                        provider = %set.provider_name,
+                        class = e.class.as_str(),
+                        code = %e.code,
+                        provider_code = e.provider_code.as_deref().unwrap_or(""),
+                        hint = e.hint.unwrap_or(""),
+                        consecutive,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "token refresh failed"
+                    );
+                    rec.inflight = None;
+                    rec.failure = Some(Failure {
+                        error: e.clone(),
+                        at: SystemTime::now(),
+                        retry_at,
+                        consecutive,
+                    });
+                    self.schedule(rec, &set.key, retry_at);
+                }
+                Err(Arc::new(e))
+            }
+        }
+    }
+
+    fn is_current(&self, key: &CredentialKey, generation: u64) -> bool {
+        self.lock()
+            .get(key)
+            .is_some_and(|r| r.generation == generation)
+    }
+
+    /// (Re)arms the key's background refresh timer.
+    fn schedule(self: &Arc<Self>, rec: &mut KeyRecord, key: &CredentialKey, at: Instant) {
+        if let Some(t) = rec.timer.take() {
+            t.abort();
+        }
+        let this = Arc::downgrade(self);
+        let key = key.clone();
+        let generation = rec.generation;
+        let task = tokio::spawn(async move {
+            tokio::time::sleep_until(at).await;
+            if let Some(this) = this.upgrade() {
+                this.background_refresh(&key, generation);
+            }
+        });
+        rec.timer = Some(task.abort_handle());
+    }
+
+    fn background_refresh(self: &Arc<Self>, key: &CredentialKey, generation: u64) {
+        let mut keys = self.lock();
+        if let Some(rec) = keys.get_mut(key) {
+            if rec.generation == generation && rec.inflight.is_none() {
+                let _detached = self.start_flight(rec);
+            }
+        }
+    }
+
+    /// Makes sure a token for `set` is there or on its way, without waiting: pre-warm,
+    /// and accounts added or changed by a reload. Returns the fetch to await, if one runs.
+    pub fn warm(self: &Arc<Self>, set: &Arc<CredentialSet>) -> Option<Flight> {
+        let mut keys = self.lock();
+        let now = Instant::now();
+        let rec = self.record_for(&mut keys, set);
+        if let Some(f) = &rec.inflight {
+            return Some(f.clone());
+        }
+        let has_token = rec.expires.is_some_and(|(at, _)| at > now);
+        let backing_off = rec.failure.as_ref().is_some_and(|f| f.retry_at > now);
+        if has_token || backing_off {
+            return None;
+        }
+        Some(self.start_flight(rec))
+    }
+
+    /// Fetches a new token for `set` now, even if the cached one is fresh (admin action);
+    /// joins a fetch already under way.
+    pub async fn force_refresh(
+        self: &Arc<Self>,
+        set: &Arc<CredentialSet>,
+    ) -> Result<(), CacheError> {
+        let flight = {
+            let mut keys = self.lock();
+            let rec = self.record_for(&mut keys, set);
+            match &rec.inflight {
+                Some(f) => f.clone(),
+                None => self.start_flight(rec),
+            }
+        };
+        match tokio::time::timeout(self.policy.request_wait, flight).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(self.error_from(set, &e, None)),
+            Err(_) => Err(CacheError::Unavailable {
+                retry_after: Duration::from_secs(1),
+                reason: "the identity provider has not answered yet".into(),
+            }),
+        }
+    }
+
+    /// Forgets a key at once: its token, its timer, any result still in flight.
+    pub async fn remove(&self, key: &CredentialKey) {
+        if let Some(mut rec) = self.lock().remove(key) {
+            if let Some(t) = rec.timer.take() {
+                t.abort();
+            }
+        }
+        self.tokens.invalidate(key).await;
+    }
+
+    /// Replaces a key's credentials: drops the old token and fetches anew in the
+    /// background if the key was in use.
+    pub async fn replace(self: &Arc<Self>, set: &Arc<CredentialSet>) {
+        let in_use = self.lock().contains_key(&set.key);
+        self.tokens.invalidate(&set.key).await;
+        if in_use {
+            self.warm(set);
+        }
+    }
+
+    /// Fetches under way (shutdown waits for them so a rotation being persisted completes).
+    pub fn in_flight(&self) -> Vec<Flight> {
+        self.lock()
+            .values()
+            .filter_map(|r| r.inflight.clone())
+            .collect()
+    }
+
+    /// Keys currently tracked.
+    pub fn keys(&self) -> Vec<CredentialKey> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// Status of every tracked key, sorted by account.
+    pub fn status(&self) -> Vec<KeyStatus> {
+        let now = Instant::now();
+        let keys = self.lock();
+        let mut out: Vec<KeyStatus> = keys
+            .values()
+            .map(|rec| {
+                let token = rec.expires.filter(|(at, _)| *at > now);
+                let state = if rec.inflight.is_some() {
+                    "refreshing"
+                } else {
+                    match rec.failure.as_ref().map(|f| f.error.class) {
+                        Some(ErrorClass::Permanent) => "failed_permanent",
+                        Some(ErrorClass::Transient) => "failing_transient",
+                        None => "ok",
+                    }
+                };
+                KeyStatus {
+                    account: rec.set.key.account.to_string(),
+                    provider: rec.set.provider_name.to_string(),
+                    grant: rec.set.grant.as_str(),
+                    scopes: rec.set.scopes.clone(),
+                    state,
+                    token_expires_at: token.map(|(_, wall)| rfc3339(wall)),
+                    token_remaining_seconds: token.map(|(at, _)| (at - now).as_secs()),
+                    last_refresh_at: rec.last_ok.map(rfc3339),
+                    last_error: rec.failure.as_ref().map(|f| ErrorStatus {
+                        class: f.error.class.as_str(),
+                        code: f.error.code.clone(),
+                        provider_code: f.error.provider_code.clone(),
+                        hint: f.error.hint,
+                        at: rfc3339(f.at),
+                        consecutive_failures: f.consecutive,
+                        retry_in_seconds: f.retry_at.saturating_duration_since(now).as_secs(),
+                    }),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.account.cmp(&b.account).then(a.scopes.cmp(&b.scopes)));
+        out
+    }
+}

@@ -1,0 +1,190 @@
+//! The cache's timing rules, as pure functions so they can be tested exhaustively:
+//! when to refresh, how much life a served token must have left, how long to back off.
+
+use std::time::Duration;
+
+/// Timing settings (all from the CLI).
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// Never hand out a token with less life left than this (scaled down for short tokens).
+    pub min_ttl: Duration,
+    /// Refresh no later than this long before expiry (scaled down for short tokens).
+    pub margin_floor: Duration,
+    /// ... or this fraction of the lifetime before expiry, whichever is larger.
+    pub margin_fraction: f64,
+    /// Lifetime assumed when the provider's answer has no `expires_in`.
+    pub default_lifetime: Duration,
+    /// First retry delay after a transient failure.
+    pub backoff_base: Duration,
+    /// Largest retry delay after transient failures.
+    pub backoff_max: Duration,
+    /// Retry delay after a permanent failure (a config change retries at once).
+    pub permanent_retry: Duration,
+    /// How long a request waits for a fetch before it is answered 429.
+    pub request_wait: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            min_ttl: Duration::from_secs(60),
+            margin_floor: Duration::from_secs(300),
+            margin_fraction: 0.2,
+            default_lifetime: Duration::from_secs(600),
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            permanent_retry: Duration::from_secs(3600),
+            request_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The longest `Retry-After` we honour; a provider asking for more is retried after this.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// When a token of a given lifetime is refreshed, and how much life it must keep to be served.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Plan {
+    /// From issue to the background refresh.
+    pub refresh_after: Duration,
+    /// Served only while at least this much life is left (unless a refresh failed).
+    pub min_life: Duration,
+}
+
+/// Plans a token's refresh. `jitter` in `[0, 1)` spreads tokens issued together.
+///
+/// The margin is the larger of the floor and a fraction of the lifetime, but never more
+/// than half of it, so a 5-minute (or 3-second) token is not refreshed the moment it
+/// arrives. Jitter moves the refresh up to half a margin earlier. The minimum life is at
+/// most half the margin, so the background refresh always lands before requests would
+/// have to wait for one.
+pub fn plan(lifetime: Duration, policy: &Policy, jitter: f64) -> Plan {
+    let jitter = if jitter.is_finite() {
+        jitter.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let l = lifetime.as_secs_f64();
+    let margin = policy
+        .margin_floor
+        .as_secs_f64()
+        .max(l * policy.margin_fraction)
+        .min(l / 2.0);
+    let refresh_after = (l - margin - margin / 2.0 * jitter).max(0.0);
+    let min_life = policy.min_ttl.as_secs_f64().min(margin / 2.0);
+    Plan {
+        refresh_after: Duration::from_secs_f64(refresh_after),
+        min_life: Duration::from_secs_f64(min_life),
+    }
+}
+
+/// Delay before retry number `failures` (1 for the first failure): exponential from the
+/// base, capped, with "equal jitter" (half fixed, half random), and never shorter than
+/// the provider's `Retry-After`.
+pub fn backoff(
+    failures: u32,
+    retry_after: Option<Duration>,
+    policy: &Policy,
+    jitter: f64,
+) -> Duration {
+    let jitter = if jitter.is_finite() {
+        jitter.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let exp = failures.saturating_sub(1).min(30);
+    let raw = policy
+        .backoff_base
+        .saturating_mul(1u32 << exp)
+        .min(policy.backoff_max);
+    let jittered = raw.mul_f64(0.5 + 0.5 * jitter);
+    match retry_after {
+        Some(ra) => jittered.max(ra.min(MAX_RETRY_AFTER)),
+        None => jittered,
+    }
+}
+
+/// How a cached token may be used at a given moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freshness {
+    /// Enough life left: serve it.
+    Fresh,
+    /// Valid, but under the minimum life: get a new one, serve this only if that fails.
+    Aging,
+    /// Expired: never served.
+    Expired,
+}
+
+/// Classifies a token with `remaining` life (`None` once expired).
+pub fn freshness(remaining: Option<Duration>, min_life: Duration) -> Freshness {
+    match remaining {
+        None => Freshness::Expired,
+        Some(r) if r.is_zero() => Freshness::Expired,
+        Some(r) if r >= min_life => Freshness::Fresh,
+        Some(_) => Freshness::Aging,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn policy(min_ttl: u64) -> Policy {
+        Policy {
+            min_ttl: Duration::from_secs(min_ttl),
+            ..Policy::default()
+        }
+    }
+
+    #[test]
+    fn typical_lifetimes() {
+        let p = plan(Duration::from_secs(3600), &policy(60), 0.0);
+        assert_eq!(p.refresh_after, Duration::from_secs(2880));
+        assert_eq!(p.min_life, Duration::from_secs(60));
+        let p = plan(Duration::from_secs(3), &policy(60), 0.0);
+        assert_eq!(p.refresh_after, Duration::from_secs_f64(1.5));
+        assert_eq!(p.min_life, Duration::from_secs_f64(0.75));
+    }
+
+    proptest! {
+        /// The refresh is always scheduled after issue, and before the token falls under
+        /// its minimum life, for any lifetime and jitter.
+        #[test]
+        fn refresh_lands_before_min_life(lifetime_ms in 1u64..10_000_000, min_ttl in 0u64..3600, jitter in 0.0f64..1.0) {
+            let l = Duration::from_millis(lifetime_ms);
+            let p = plan(l, &policy(min_ttl), jitter);
+            prop_assert!(p.refresh_after > Duration::ZERO);
+            prop_assert!(p.refresh_after >= l / 4 - Duration::from_micros(1));
+            prop_assert!(p.refresh_after + p.min_life < l);
+            prop_assert!(p.min_life <= Duration::from_secs(min_ttl));
+        }
+
+        /// A token is served as fresh only with at least the minimum life left, and an
+        /// expired token is never served at all.
+        #[test]
+        fn never_serves_under_min_life(remaining_ms in 0u64..10_000_000, min_life_ms in 0u64..1_000_000) {
+            let r = Duration::from_millis(remaining_ms);
+            let m = Duration::from_millis(min_life_ms);
+            match freshness(Some(r), m) {
+                Freshness::Fresh => prop_assert!(r >= m && !r.is_zero()),
+                Freshness::Aging => prop_assert!(r < m && !r.is_zero()),
+                Freshness::Expired => prop_assert!(r.is_zero()),
+            }
+            prop_assert_eq!(freshness(None, m), Freshness::Expired);
+        }
+
+        /// Backoff grows, stays within the cap (or Retry-After), and honours Retry-After.
+        #[test]
+        fn backoff_is_bounded(failures in 1u32..100, ra in proptest::option::of(0u64..10_000), jitter in 0.0f64..1.0) {
+            let p = Policy::default();
+            let d = backoff(failures, ra.map(Duration::from_secs), &p, jitter);
+            let cap = p.backoff_max.max(ra.map(Duration::from_secs).unwrap_or_default().min(MAX_RETRY_AFTER));
+            prop_assert!(d <= cap);
+            prop_assert!(d >= p.backoff_base / 2);
+            if let Some(ra) = ra {
+                prop_assert!(d >= Duration::from_secs(ra).min(MAX_RETRY_AFTER));
+            }
+        }
+    }
+}

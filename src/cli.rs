@@ -1,0 +1,363 @@
+//! The command line: `serve` (default), `check`, `token`, `probe`. Every flag can also
+//! come from an `EE_AUTH_…` environment variable, as containers are usually configured.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::cache::schedule::Policy;
+use crate::config::{self, AccountKind};
+use crate::protocol::Proto;
+use crate::sidecar::Options;
+
+/// `--version` text: the crate version and the git revision it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("EE_AUTH_GIT_REV"),
+    ")"
+);
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 5m)"))
+}
+
+/// The sidecar's command line.
+#[derive(Parser, Debug)]
+#[command(name = "ee-auth-sidecar", version = VERSION, about = "Authentication server sidecar for EmailEngine", args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// What to do (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// `serve` flags, accepted without the subcommand name.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve EmailEngine's authentication requests (the default).
+    Serve(Box<ServeArgs>),
+    /// Validate a config and every secret it references; list every error.
+    Check {
+        /// The account map file.
+        #[arg(long, env = "EE_AUTH_CONFIG")]
+        config: PathBuf,
+    },
+    /// Fetch one token and print the answer EmailEngine would get.
+    Token(Box<TokenArgs>),
+    /// Exit 0 if a URL answers 2xx (a probe for images without a shell or curl).
+    Probe {
+        /// The URL, e.g. http://127.0.0.1:8080/readyz
+        url: String,
+        /// How long to wait.
+        #[arg(long, default_value = "2s", value_parser = duration)]
+        timeout: Duration,
+    },
+}
+
+/// Logging flags.
+#[derive(Args, Debug, Clone)]
+pub struct LogArgs {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "EE_AUTH_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+    /// Log level or filter (RUST_LOG, when set, takes precedence).
+    #[arg(long, global = true, default_value = "info", env = "EE_AUTH_LOG_LEVEL")]
+    pub log_level: String,
+}
+
+/// Log output formats.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `serve` flags.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// The account map file (JSON).
+    #[arg(long, env = "EE_AUTH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on; non-loopback needs --allow-remote and `auth`.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "EE_AUTH_LISTEN")]
+    pub listen: SocketAddr,
+    /// Directory for rotated refresh tokens (without it they live in memory only).
+    #[arg(long, env = "EE_AUTH_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Path of the token endpoint.
+    #[arg(long, default_value = "/authentication", env = "EE_AUTH_PATH")]
+    pub path: String,
+    /// Allow a non-loopback listen address (requires `auth` in the config).
+    #[arg(long, env = "EE_AUTH_ALLOW_REMOTE")]
+    pub allow_remote: bool,
+    /// TLS certificate chain (PEM); with --tls-key, serve HTTPS.
+    #[arg(long, env = "EE_AUTH_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "EE_AUTH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Never hand out a token with less life left (scaled down for short-lived tokens).
+    #[arg(long, default_value = "60s", value_parser = duration, env = "EE_AUTH_MIN_TTL")]
+    pub min_ttl: Duration,
+    /// Refresh at least this long before expiry (or 1/5 of the lifetime if larger).
+    #[arg(long, default_value = "5m", value_parser = duration, env = "EE_AUTH_REFRESH_MARGIN")]
+    pub refresh_margin: Duration,
+    /// Lifetime assumed when a provider's answer has no expires_in.
+    #[arg(long, default_value = "10m", value_parser = duration, env = "EE_AUTH_DEFAULT_LIFETIME")]
+    pub default_lifetime: Duration,
+    /// Largest retry delay after transient failures.
+    #[arg(long, default_value = "60s", value_parser = duration, env = "EE_AUTH_BACKOFF_MAX")]
+    pub backoff_max: Duration,
+    /// Retry delay after a permanent failure (invalid_grant…); a config change retries at once.
+    #[arg(long, default_value = "1h", value_parser = duration, env = "EE_AUTH_PERMANENT_RETRY")]
+    pub permanent_retry: Duration,
+    /// How long a request waits for a token fetch before it is answered 429.
+    #[arg(long, default_value = "10s", value_parser = duration, env = "EE_AUTH_REQUEST_WAIT")]
+    pub request_wait: Duration,
+    /// Timeout of one call to an identity provider.
+    #[arg(long, default_value = "30s", value_parser = duration, env = "EE_AUTH_UPSTREAM_TIMEOUT")]
+    pub upstream_timeout: Duration,
+    /// Periodic re-read of the config (backs up the file watcher).
+    #[arg(long, default_value = "30s", value_parser = duration, env = "EE_AUTH_RELOAD_INTERVAL")]
+    pub reload_interval: Duration,
+    /// Concurrent token fetches during start-up pre-warm (0 disables it).
+    #[arg(long, default_value_t = 8, env = "EE_AUTH_PREWARM_CONCURRENCY")]
+    pub prewarm_concurrency: usize,
+    /// /readyz waits at most this long for pre-warm.
+    #[arg(long, default_value = "20s", value_parser = duration, env = "EE_AUTH_PREWARM_TIMEOUT")]
+    pub prewarm_timeout: Duration,
+    /// Concurrent calls to one identity provider at most.
+    #[arg(long, default_value_t = 16, env = "EE_AUTH_PROVIDER_CONCURRENCY")]
+    pub provider_concurrency: usize,
+    /// Time given to in-flight requests on SIGTERM.
+    #[arg(long, default_value = "5s", value_parser = duration, env = "EE_AUTH_SHUTDOWN_GRACE")]
+    pub shutdown_grace: Duration,
+    /// Open connections at most.
+    #[arg(long, default_value_t = 4096, env = "EE_AUTH_MAX_CONNECTIONS")]
+    pub max_connections: usize,
+    /// Request headers must arrive within this time; also closes idle keep-alive connections.
+    #[arg(long, default_value = "30s", value_parser = duration, env = "EE_AUTH_HEADER_READ_TIMEOUT")]
+    pub header_read_timeout: Duration,
+}
+
+/// `token` flags.
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    /// The account map file.
+    #[arg(long, env = "EE_AUTH_CONFIG")]
+    pub config: PathBuf,
+    /// The account id.
+    pub account: String,
+    /// The protocol to fetch for.
+    #[arg(long, value_parser = ["imap", "smtp", "api"])]
+    pub proto: Option<String>,
+    /// Print the token instead of a masked form.
+    #[arg(long)]
+    pub show_token: bool,
+    /// Use (and update) the rotated refresh tokens of this state directory. Point it at
+    /// the running sidecar's directory only while that sidecar is stopped.
+    #[arg(long, env = "EE_AUTH_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// Turns the flags into [`Options`]; the config path is required.
+    pub fn into_options(self) -> Result<Options, String> {
+        let config = self
+            .config
+            .ok_or("missing --config FILE (or EE_AUTH_CONFIG)")?;
+        let mut o = Options::new(config);
+        o.listen = self.listen;
+        o.state_dir = self.state_dir;
+        if !self.path.starts_with('/') {
+            return Err(format!("--path must start with `/`, got `{}`", self.path));
+        }
+        o.path = self.path;
+        o.allow_remote = self.allow_remote;
+        o.tls = self.tls_cert.zip(self.tls_key);
+        o.policy = Policy {
+            min_ttl: self.min_ttl,
+            margin_floor: self.refresh_margin,
+            default_lifetime: self.default_lifetime,
+            backoff_max: self.backoff_max,
+            permanent_retry: self.permanent_retry,
+            request_wait: self.request_wait,
+            ..Policy::default()
+        };
+        o.upstream_timeout = self.upstream_timeout;
+        o.reload_interval = self.reload_interval;
+        o.prewarm_concurrency = self.prewarm_concurrency;
+        o.prewarm_timeout = self.prewarm_timeout;
+        o.provider_concurrency = self.provider_concurrency;
+        o.shutdown_grace = self.shutdown_grace;
+        o.max_connections = self.max_connections;
+        o.header_read_timeout = self.header_read_timeout;
+        Ok(o)
+    }
+}
+
+/// `check`: prints a summary and returns 0, or every error and returns 1.
+pub fn check(config_path: &std::path::Path) -> i32 {
+    match config::load(config_path) {
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+        Ok(c) => {
+            let mut per_provider: std::collections::BTreeMap<(String, &'static str), usize> =
+                Default::default();
+            let mut fixed = 0;
+            for a in c.accounts.values() {
+                match &a.kind {
+                    AccountKind::Fixed(_) => fixed += 1,
+                    AccountKind::OAuth(o) => {
+                        *per_provider
+                            .entry((
+                                o.default.provider_name.to_string(),
+                                o.default.grant.as_str(),
+                            ))
+                            .or_default() += 1
+                    }
+                }
+            }
+            println!(
+                "{}: OK, {} account(s)",
+                config_path.display(),
+                c.accounts.len()
+            );
+            for (name, kind) in &c.providers {
+                println!("  provider {name} ({kind})");
+                for ((p, grant), n) in &per_provider {
+                    if p == name {
+                        println!("    {grant}: {n} account(s)");
+                    }
+                }
+            }
+            if fixed > 0 {
+                println!("  password or static-token accounts: {fixed}");
+            }
+            if !c.secret_files.is_empty() {
+                println!("  secret files read: {}", c.secret_files.len());
+            }
+            0
+        }
+    }
+}
+
+/// Masks the secret values of an answer body for display.
+pub fn mask_answer(body: &[u8]) -> String {
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return "[unprintable answer]".into();
+    };
+    for field in ["accessToken", "pass"] {
+        if let Some(serde_json::Value::String(s)) = v.get_mut(field) {
+            let n = s.chars().count();
+            let head: String = s.chars().take(if n > 16 { 4 } else { 0 }).collect();
+            *s = format!("{head}…[{n} chars, masked; --show-token prints it]");
+        }
+    }
+    v.to_string()
+}
+
+/// `token`: fetches once and prints the answer; returns the exit code.
+pub async fn token(args: &TokenArgs) -> i32 {
+    let proto = args.proto.as_deref().and_then(Proto::parse);
+    let config = match config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    let Some(account) = config.account(&args.account) else {
+        eprintln!("no account `{}` in {}", args.account, args.config.display());
+        return 1;
+    };
+    let body = match &account.kind {
+        AccountKind::Fixed(body) => body.clone(),
+        AccountKind::OAuth(o) => {
+            let set = o.set_for(proto).clone();
+            let store = match &args.state_dir {
+                Some(dir) => match crate::state::TokenStore::open(dir) {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return 1;
+                    }
+                },
+                None => crate::state::TokenStore::in_memory(),
+            };
+            let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+            let http = match crate::upstream::http_client(Duration::from_secs(30)) {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("HTTP client: {e}");
+                    return 1;
+                }
+            };
+            let upstream = std::sync::Arc::new(crate::upstream::Upstream::new(
+                http,
+                std::sync::Arc::new(store),
+                1,
+                metrics.clone(),
+            ));
+            let policy = Policy {
+                request_wait: Duration::from_secs(60),
+                ..Policy::default()
+            };
+            let cache = crate::cache::TokenCache::new(upstream, policy, metrics);
+            match cache.get(&set).await {
+                Ok((body, _)) => body,
+                Err(e) => {
+                    eprintln!("{}: {e}", args.account);
+                    return 1;
+                }
+            }
+        }
+    };
+    if args.show_token {
+        println!("{}", String::from_utf8_lossy(&body));
+    } else {
+        println!("{}", mask_answer(&body));
+    }
+    0
+}
+
+/// `probe`: 0 if the URL answers 2xx within the timeout, else 1.
+pub async fn probe(url: &str, timeout: Duration) -> i32 {
+    let client = match reqwest::Client::builder()
+        .use_rustls_tls()
+        .timeout(timeout)
+        .build()
+    {
+        Ok(c) => c,
+        Err(_) => return 1,
+    };
+    match client.get(url).send().await {
+        Ok(r) if r.status().is_success() => 0,
+        Ok(r) => {
+            eprintln!("{url}: {}", r.status());
+            1
+        }
+        Err(e) => {
+            eprintln!("{url}: {e}");
+            1
+        }
+    }
+}

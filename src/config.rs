@@ -1,0 +1,897 @@
+//! The account map: schema, validation and secret resolution.
+//!
+//! The file is JSON (see the README's config reference). It is parsed and validated as a
+//! whole into an immutable [`Config`]; a config that has any error is never used, and the
+//! error list names the file, the JSON path (`accounts.alice.provider`) and what is wrong,
+//! never a secret. The running sidecar holds one `Arc<Config>` behind an `ArcSwap`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::protocol::{self, BasicCredentials, Proto};
+use crate::provider::{Grant, Provider};
+use crate::secret::Secret;
+
+/// One problem in a config, located by its JSON path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Where: a dotted JSON path such as `accounts.alice.refreshToken`, or `(file)`.
+    pub path: String,
+    /// What is wrong, without any secret value.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// An error at `path`.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every problem found in one config file. A config with any error is not used.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors {
+    /// The config file.
+    pub file: PathBuf,
+    /// The problems, in file order.
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid config {} ({} error{})",
+            self.file.display(),
+            self.errors.len(),
+            if self.errors.len() == 1 { "" } else { "s" }
+        )?;
+        for e in &self.errors {
+            write!(f, "\n  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a secret comes from: the config itself, a file, or an environment variable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// The value written in the config.
+    Literal(Secret),
+    /// `{"file": "/path"}`: the file's content (one trailing newline removed).
+    File(PathBuf),
+    /// `{"env": "NAME"}`: an environment variable, read at each load.
+    Env(String),
+}
+
+impl<'de> Deserialize<'de> for SecretSource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        const EXPECTED: &str = r#"a string, {"file": "/path"} or {"env": "NAME"}"#;
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(SecretSource::Literal(Secret::new(s))),
+            Value::Object(map) if map.len() == 1 => match map.into_iter().next() {
+                Some((k, Value::String(v))) if k == "file" => Ok(SecretSource::File(v.into())),
+                Some((k, Value::String(v))) if k == "env" => Ok(SecretSource::Env(v)),
+                _ => Err(serde::de::Error::custom(format!("expected {EXPECTED}"))),
+            },
+            _ => Err(serde::de::Error::custom(format!("expected {EXPECTED}"))),
+        }
+    }
+}
+
+/// Resolves secrets while a config is built, and records what the config depends on:
+/// the secret files (to watch them) and a digest of everything (to skip no-op reloads).
+pub struct Resolver {
+    base_dir: PathBuf,
+    digest: ring::digest::Context,
+    files: Vec<PathBuf>,
+}
+
+impl Resolver {
+    fn new(base_dir: PathBuf, config_text: &[u8]) -> Self {
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        digest.update(config_text);
+        Resolver {
+            base_dir,
+            digest,
+            files: Vec::new(),
+        }
+    }
+
+    /// The secret's value, or an error naming `path` (never the value).
+    pub fn secret(&mut self, source: &SecretSource, path: &str) -> Result<Secret, ConfigError> {
+        let secret = match source {
+            SecretSource::Literal(s) => return Ok(s.clone()),
+            SecretSource::File(file) => {
+                let full = self.base_dir.join(file);
+                self.files.push(full.clone());
+                let mut text = std::fs::read_to_string(&full).map_err(|e| {
+                    ConfigError::new(
+                        path,
+                        format!("cannot read secret file {}: {e}", full.display()),
+                    )
+                })?;
+                if text.ends_with('\n') {
+                    text.pop();
+                    if text.ends_with('\r') {
+                        text.pop();
+                    }
+                }
+                Secret::new(text)
+            }
+            SecretSource::Env(name) => match std::env::var(name) {
+                Ok(v) => Secret::new(v),
+                Err(_) => {
+                    return Err(ConfigError::new(
+                        path,
+                        format!("environment variable {name} is not set or not UTF-8"),
+                    ))
+                }
+            },
+        };
+        self.digest.update(path.as_bytes());
+        self.digest.update(&secret.digest());
+        Ok(secret)
+    }
+}
+
+/// Deserializes `value` into `T`, reporting the failing field as a path under `path`.
+pub fn from_value<T: DeserializeOwned>(value: &Value, path: &str) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let inner = e.path().to_string();
+        let full = if inner == "." || inner.is_empty() {
+            path.to_owned()
+        } else {
+            format!("{path}.{inner}")
+        };
+        ConfigError::new(full, e.into_inner().to_string())
+    })
+}
+
+/// Identifies one cached token: an account and one of its credential sets.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CredentialKey {
+    /// The EmailEngine account id.
+    pub account: Arc<str>,
+    /// `provider|grant|scopes`: protocols that resolve to the same set share one token.
+    pub set: Arc<str>,
+}
+
+impl fmt::Display for CredentialKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} [{}]", self.account, self.set)
+    }
+}
+
+/// Everything needed to fetch one token: self-contained, so the cache never looks back
+/// into a config that may have been swapped since.
+#[derive(Debug)]
+pub struct CredentialSet {
+    /// The cache key.
+    pub key: CredentialKey,
+    /// The provider's name in the config (a metric label and a log field).
+    pub provider_name: Arc<str>,
+    /// The provider.
+    pub provider: Arc<Provider>,
+    /// The grant.
+    pub grant: Grant,
+    /// Scopes to request.
+    pub scopes: Vec<String>,
+    /// Whether `scopes` were configured by the operator (rather than provider defaults).
+    pub scopes_explicit: bool,
+    /// The mailbox user: the answer's `user`, and `sub` for a service account.
+    pub user: Arc<str>,
+    /// The account's refresh token as the config gives it (rotation may supersede it).
+    pub refresh_token: Option<Secret>,
+    /// Digest of everything above including secrets: a change means "drop the token".
+    pub fingerprint: [u8; 32],
+}
+
+/// An account whose answer comes from an identity provider.
+#[derive(Debug)]
+pub struct OAuthAccount {
+    /// The set used when EmailEngine sends no `proto`.
+    pub default: Arc<CredentialSet>,
+    /// The set per protocol, in [`Proto::ALL`] order.
+    pub per_proto: [Arc<CredentialSet>; 3],
+    /// Protocols configured explicitly under `protocols` (pre-warmed with the default).
+    pub explicit: Vec<Proto>,
+}
+
+impl OAuthAccount {
+    /// The credential set that serves `proto`.
+    pub fn set_for(&self, proto: Option<Proto>) -> &Arc<CredentialSet> {
+        match proto {
+            None => &self.default,
+            Some(p) => &self.per_proto[p as usize],
+        }
+    }
+
+    /// The distinct sets of this account (several protocols may share one).
+    pub fn sets(&self) -> Vec<&Arc<CredentialSet>> {
+        let mut out: Vec<&Arc<CredentialSet>> = vec![&self.default];
+        for s in &self.per_proto {
+            if !out.iter().any(|o| o.key == s.key) {
+                out.push(s);
+            }
+        }
+        out
+    }
+
+    /// The sets worth fetching before anyone asks: the default one and explicit overrides.
+    pub fn warm_sets(&self) -> Vec<&Arc<CredentialSet>> {
+        let mut out: Vec<&Arc<CredentialSet>> = vec![&self.default];
+        for p in &self.explicit {
+            let s = self.set_for(Some(*p));
+            if !out.iter().any(|o| o.key == s.key) {
+                out.push(s);
+            }
+        }
+        out
+    }
+}
+
+/// What an account answers with.
+#[derive(Debug)]
+pub enum AccountKind {
+    /// A password or static-token account: the answer never changes, serialized once.
+    Fixed(Bytes),
+    /// An OAuth2 account, served from the token cache.
+    OAuth(OAuthAccount),
+}
+
+/// One account of the map.
+#[derive(Debug)]
+pub struct Account {
+    /// The EmailEngine account id.
+    pub id: Arc<str>,
+    /// What it answers with.
+    pub kind: AccountKind,
+    /// Digest of the account's whole definition, for reload diffs of fixed accounts.
+    pub fingerprint: [u8; 32],
+}
+
+/// A validated, immutable account map.
+#[derive(Debug)]
+pub struct Config {
+    /// Basic credentials required on the token endpoint.
+    pub auth: Option<BasicCredentials>,
+    /// Basic credentials for the admin endpoints; `auth` when not set.
+    pub admin_auth: Option<BasicCredentials>,
+    /// Accounts by id.
+    pub accounts: HashMap<Arc<str>, Arc<Account>>,
+    /// Provider names with their type, for summaries.
+    pub providers: BTreeMap<String, &'static str>,
+    /// Secret files the config reads: a change to any of them is a config change.
+    pub secret_files: Vec<PathBuf>,
+    /// Digest of the config text and every secret it resolved.
+    pub fingerprint: [u8; 32],
+}
+
+impl Config {
+    /// An account by id.
+    pub fn account(&self, id: &str) -> Option<&Arc<Account>> {
+        self.accounts.get(id)
+    }
+
+    /// Every credential set of every OAuth2 account.
+    pub fn credential_sets(&self) -> impl Iterator<Item = &Arc<CredentialSet>> {
+        self.accounts.values().flat_map(|a| match &a.kind {
+            AccountKind::OAuth(o) => o.sets(),
+            AccountKind::Fixed(_) => Vec::new(),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTop {
+    #[serde(default)]
+    auth: Option<RawAuth>,
+    #[serde(default, rename = "adminAuth")]
+    admin_auth: Option<RawAuth>,
+    #[serde(default)]
+    providers: BTreeMap<String, Value>,
+    #[serde(default)]
+    accounts: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    username: String,
+    password: SecretSource,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPasswordAccount {
+    user: String,
+    pass: SecretSource,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawStaticAccount {
+    user: String,
+    access_token: SecretSource,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawOAuthAccount {
+    user: String,
+    provider: String,
+    #[serde(default)]
+    grant: Option<Grant>,
+    #[serde(default)]
+    refresh_token: Option<SecretSource>,
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+    #[serde(default)]
+    protocols: RawProtocols,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProtocols {
+    imap: Option<RawOverride>,
+    smtp: Option<RawOverride>,
+    api: Option<RawOverride>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawOverride {
+    #[serde(default)]
+    provider: Option<String>,
+    #[serde(default)]
+    grant: Option<Grant>,
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+}
+
+/// Reads, parses and validates a config file and every secret it references.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read(path).map_err(|e| ConfigErrors {
+        file: path.to_owned(),
+        errors: vec![ConfigError::new("(file)", format!("cannot read: {e}"))],
+    })?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    parse(&text, &base).map_err(|errors| ConfigErrors {
+        file: path.to_owned(),
+        errors,
+    })
+}
+
+/// Parses and validates config text; relative secret file paths resolve against `base_dir`.
+pub fn parse(text: &[u8], base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
+    let value: Value = serde_json::from_slice(text).map_err(|e| {
+        vec![ConfigError::new(
+            "(file)",
+            format!(
+                "not valid JSON at line {} column {}: {}",
+                e.line(),
+                e.column(),
+                json_error_kind(&e)
+            ),
+        )]
+    })?;
+    let raw: RawTop = from_value(&value, "(top level)").map_err(|e| vec![e])?;
+    let mut resolver = Resolver::new(base_dir.to_owned(), text);
+    let mut errors = Vec::new();
+
+    let auth = build_auth(raw.auth.as_ref(), "auth", &mut resolver, &mut errors);
+    let admin_auth = build_auth(
+        raw.admin_auth.as_ref(),
+        "adminAuth",
+        &mut resolver,
+        &mut errors,
+    )
+    .or_else(|| auth.clone());
+
+    let mut providers: HashMap<String, (Arc<Provider>, [u8; 32])> = HashMap::new();
+    let mut provider_types = BTreeMap::new();
+    for (name, v) in &raw.providers {
+        let path = format!("providers.{name}");
+        if name.is_empty() || name.contains('|') {
+            errors.push(ConfigError::new(
+                &path,
+                "provider names must be non-empty and not contain `|`",
+            ));
+            continue;
+        }
+        match build_provider(v, &path, &mut resolver) {
+            Ok(p) => {
+                provider_types.insert(name.clone(), p.0.kind());
+                providers.insert(name.clone(), p);
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    let undefined_providers: Vec<&String> = raw
+        .providers
+        .keys()
+        .filter(|n| !providers.contains_key(*n))
+        .collect();
+
+    let mut accounts = HashMap::new();
+    for (id, v) in &raw.accounts {
+        let path = format!("accounts.{id}");
+        if id.is_empty() {
+            errors.push(ConfigError::new(&path, "account id must not be empty"));
+            continue;
+        }
+        let ctx = AccountCtx {
+            id,
+            path: &path,
+            providers: &providers,
+            broken_providers: &undefined_providers,
+        };
+        match build_account(v, &ctx, &mut resolver) {
+            Ok(a) => {
+                accounts.insert(a.id.clone(), Arc::new(a));
+            }
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let mut fingerprint = [0u8; 32];
+    fingerprint.copy_from_slice(resolver.digest.finish().as_ref());
+    let mut secret_files = resolver.files;
+    secret_files.sort();
+    secret_files.dedup();
+    Ok(Config {
+        auth,
+        admin_auth,
+        accounts,
+        providers: provider_types,
+        secret_files,
+        fingerprint,
+    })
+}
+
+fn json_error_kind(e: &serde_json::Error) -> String {
+    // serde_json's message repeats "at line N column M"; keep just the reason.
+    let s = e.to_string();
+    match s.find(" at line ") {
+        Some(i) => s[..i].to_owned(),
+        None => s,
+    }
+}
+
+fn build_auth(
+    raw: Option<&RawAuth>,
+    path: &str,
+    resolver: &mut Resolver,
+    errors: &mut Vec<ConfigError>,
+) -> Option<BasicCredentials> {
+    let raw = raw?;
+    if raw.username.contains(':') || raw.username.is_empty() {
+        errors.push(ConfigError::new(
+            format!("{path}.username"),
+            "must be non-empty and must not contain `:`",
+        ));
+        return None;
+    }
+    match resolver.secret(&raw.password, &format!("{path}.password")) {
+        Ok(p) if p.is_empty() => {
+            errors.push(ConfigError::new(
+                format!("{path}.password"),
+                "must not be empty",
+            ));
+            None
+        }
+        Ok(p) => Some(BasicCredentials::new(&raw.username, &p)),
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    }
+}
+
+fn build_provider(
+    v: &Value,
+    path: &str,
+    resolver: &mut Resolver,
+) -> Result<(Arc<Provider>, [u8; 32]), ConfigError> {
+    let Some(obj) = v.as_object() else {
+        return Err(ConfigError::new(path, "must be an object"));
+    };
+    let Some(kind) = obj.get("type").and_then(Value::as_str) else {
+        return Err(ConfigError::new(
+            format!("{path}.type"),
+            "missing; one of oauth2, microsoft, google, google-service-account",
+        ));
+    };
+    let mut rest = obj.clone();
+    rest.remove("type");
+    let rest = Value::Object(rest);
+    // The provider digest covers its definition and its resolved secrets; starting a
+    // fresh resolver scope keeps the config-wide digest intact.
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    digest.update(v.to_string().as_bytes());
+    let mut scoped = ScopedResolver {
+        inner: resolver,
+        digest: &mut digest,
+    };
+    let provider = Provider::from_config(kind, &rest, path, &mut scoped)?;
+    let mut fp = [0u8; 32];
+    fp.copy_from_slice(digest.finish().as_ref());
+    Ok((Arc::new(provider), fp))
+}
+
+/// A [`Resolver`] that also folds each secret into one provider's digest.
+pub struct ScopedResolver<'a> {
+    inner: &'a mut Resolver,
+    digest: &'a mut ring::digest::Context,
+}
+
+impl ScopedResolver<'_> {
+    /// The secret's value, or an error naming `path`.
+    pub fn secret(&mut self, source: &SecretSource, path: &str) -> Result<Secret, ConfigError> {
+        let s = self.inner.secret(source, path)?;
+        self.digest.update(&s.digest());
+        Ok(s)
+    }
+}
+
+struct AccountCtx<'a> {
+    id: &'a str,
+    path: &'a str,
+    providers: &'a HashMap<String, (Arc<Provider>, [u8; 32])>,
+    broken_providers: &'a [&'a String],
+}
+
+fn build_account(
+    v: &Value,
+    ctx: &AccountCtx<'_>,
+    resolver: &mut Resolver,
+) -> Result<Account, Vec<ConfigError>> {
+    let path = ctx.path;
+    let Some(obj) = v.as_object() else {
+        return Err(vec![ConfigError::new(path, "must be an object")]);
+    };
+    let id: Arc<str> = Arc::from(ctx.id);
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    digest.update(v.to_string().as_bytes());
+    let fixed = |body: Result<Bytes, protocol::AnswerError>, field: &str| {
+        body.map_err(|e| vec![ConfigError::new(format!("{path}.{field}"), e.to_string())])
+    };
+    let finish = |digest: ring::digest::Context| {
+        let mut fp = [0u8; 32];
+        fp.copy_from_slice(digest.finish().as_ref());
+        fp
+    };
+
+    if obj.contains_key("pass") {
+        let raw: RawPasswordAccount = from_value(v, path).map_err(|e| vec![e])?;
+        let pass = resolver
+            .secret(&raw.pass, &format!("{path}.pass"))
+            .map_err(|e| vec![e])?;
+        digest.update(&pass.digest());
+        let body = fixed(protocol::password_answer(&raw.user, &pass), "pass")
+            .and_then(|b| check_user(&raw.user, path).map(|_| b))?;
+        return Ok(Account {
+            id,
+            kind: AccountKind::Fixed(body),
+            fingerprint: finish(digest),
+        });
+    }
+    if obj.contains_key("accessToken") {
+        let raw: RawStaticAccount = from_value(v, path).map_err(|e| vec![e])?;
+        let token = resolver
+            .secret(&raw.access_token, &format!("{path}.accessToken"))
+            .map_err(|e| vec![e])?;
+        digest.update(&token.digest());
+        check_user(&raw.user, path)?;
+        let body = fixed(protocol::token_answer(&raw.user, &token), "accessToken")?;
+        return Ok(Account {
+            id,
+            kind: AccountKind::Fixed(body),
+            fingerprint: finish(digest),
+        });
+    }
+
+    let raw: RawOAuthAccount = from_value(v, path).map_err(|e| vec![e])?;
+    check_user(&raw.user, path)?;
+    let mut errors = Vec::new();
+    let refresh_token = match &raw.refresh_token {
+        Some(src) => match resolver.secret(src, &format!("{path}.refreshToken")) {
+            Ok(s) if s.is_empty() => {
+                errors.push(ConfigError::new(
+                    format!("{path}.refreshToken"),
+                    "must not be empty",
+                ));
+                None
+            }
+            Ok(s) => Some(s),
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        },
+        None => None,
+    };
+    if let Some(rt) = &refresh_token {
+        digest.update(&rt.digest());
+    }
+    let user: Arc<str> = Arc::from(raw.user.as_str());
+    let base = RawOverride {
+        provider: Some(raw.provider.clone()),
+        grant: raw.grant,
+        scopes: raw.scopes.clone(),
+    };
+    let build = |proto: Option<Proto>, ov: Option<&RawOverride>, field_path: String| {
+        let provider_name = ov
+            .and_then(|o| o.provider.clone())
+            .unwrap_or_else(|| raw.provider.clone());
+        let provider_field = if ov.and_then(|o| o.provider.as_ref()).is_some() {
+            format!("{field_path}.provider")
+        } else {
+            format!("{path}.provider")
+        };
+        let Some((provider, provider_fp)) = ctx.providers.get(&provider_name) else {
+            let why = if ctx.broken_providers.contains(&&provider_name) {
+                format!("provider `{provider_name}` has errors of its own")
+            } else {
+                format!("no provider named `{provider_name}` in `providers`")
+            };
+            return Err(ConfigError::new(provider_field, why));
+        };
+        let grant = ov
+            .and_then(|o| o.grant)
+            .or(if ov.and_then(|o| o.provider.as_ref()).is_some() {
+                None
+            } else {
+                base.grant
+            })
+            .unwrap_or_else(|| provider.default_grant());
+        provider
+            .check_grant(grant)
+            .map_err(|m| ConfigError::new(format!("{path}.grant"), m))?;
+        match (grant, &refresh_token, &raw.refresh_token) {
+            (Grant::RefreshToken, None, None) => {
+                return Err(ConfigError::new(
+                    format!("{path}.refreshToken"),
+                    "required by the refresh_token grant",
+                ))
+            }
+            (Grant::RefreshToken, _, _) => {}
+            (other, _, Some(_)) if proto.is_none() => {
+                return Err(ConfigError::new(
+                    format!("{path}.refreshToken"),
+                    format!("not used by the {} grant; remove it", other.as_str()),
+                ))
+            }
+            _ => {}
+        }
+        let (scopes, explicit) = match ov.and_then(|o| o.scopes.clone()).or(base.scopes.clone()) {
+            Some(s) => (s, true),
+            None => (provider.default_scopes(grant, proto), false),
+        };
+        let scopes_path = format!("{field_path}.scopes");
+        for s in &scopes {
+            if s.is_empty() || s.contains(char::is_whitespace) {
+                return Err(ConfigError::new(
+                    &scopes_path,
+                    "each scope must be non-empty and contain no spaces",
+                ));
+            }
+        }
+        provider
+            .check_scopes(grant, &scopes, explicit)
+            .map_err(|m| ConfigError::new(&scopes_path, m))?;
+        let set_id = format!("{provider_name}|{}|{}", grant.as_str(), scopes.join(" "));
+        let mut d = ring::digest::Context::new(&ring::digest::SHA256);
+        d.update(provider_fp);
+        d.update(set_id.as_bytes());
+        d.update(user.as_bytes());
+        if let Some(rt) = &refresh_token {
+            d.update(&rt.digest());
+        }
+        let mut fingerprint = [0u8; 32];
+        fingerprint.copy_from_slice(d.finish().as_ref());
+        Ok(Arc::new(CredentialSet {
+            key: CredentialKey {
+                account: id.clone(),
+                set: Arc::from(set_id),
+            },
+            provider_name: Arc::from(provider_name.as_str()),
+            provider: provider.clone(),
+            grant,
+            scopes,
+            scopes_explicit: explicit,
+            user: user.clone(),
+            refresh_token: if grant == Grant::RefreshToken {
+                refresh_token.clone()
+            } else {
+                None
+            },
+            fingerprint,
+        }))
+    };
+
+    let default = build(None, None, path.to_owned());
+    let overrides = [
+        raw.protocols.imap.as_ref(),
+        raw.protocols.smtp.as_ref(),
+        raw.protocols.api.as_ref(),
+    ];
+    let mut per_proto = Vec::with_capacity(3);
+    let mut explicit = Vec::new();
+    for (proto, ov) in Proto::ALL.into_iter().zip(overrides) {
+        if ov.is_some() {
+            explicit.push(proto);
+        }
+        per_proto.push(build(
+            Some(proto),
+            ov,
+            match ov {
+                Some(_) => format!("{path}.protocols.{}", proto.as_str()),
+                None => path.to_owned(),
+            },
+        ));
+    }
+    let default = default.map_err(|e| errors.push(e)).ok();
+    let per_proto: Vec<_> = per_proto
+        .into_iter()
+        .filter_map(|r| r.map_err(|e| errors.push(e)).ok())
+        .collect();
+    errors.dedup();
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let (Some(default), Ok(per_proto)) = (default, <[_; 3]>::try_from(per_proto)) else {
+        return Err(vec![ConfigError::new(path, "invalid account")]);
+    };
+    Ok(Account {
+        id,
+        kind: AccountKind::OAuth(OAuthAccount {
+            default,
+            per_proto,
+            explicit,
+        }),
+        fingerprint: finish(digest),
+    })
+}
+
+fn check_user(user: &str, path: &str) -> Result<(), Vec<ConfigError>> {
+    let len = user.encode_utf16().count();
+    if len == 0 || len > protocol::MAX_USER_LEN {
+        return Err(vec![ConfigError::new(
+            format!("{path}.user"),
+            format!("must be 1 to {} characters", protocol::MAX_USER_LEN),
+        )]);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(s: &str) -> Result<Config, Vec<ConfigError>> {
+        parse(s.as_bytes(), Path::new("."))
+    }
+
+    fn paths(r: Result<Config, Vec<ConfigError>>) -> Vec<String> {
+        match r {
+            Ok(_) => panic!("expected errors"),
+            Err(e) => e.into_iter().map(|e| e.path).collect(),
+        }
+    }
+
+    const PROVIDER: &str = r#""providers": {"idp": {"type": "oauth2", "tokenUrl": "http://127.0.0.1:1/token", "clientId": "c", "clientSecret": "s"}}"#;
+
+    #[test]
+    fn password_and_static_accounts_serialize_once() {
+        let c = parse_str(
+            r#"{"accounts": {"a": {"user": "u", "pass": "p"}, "b": {"user": "v", "accessToken": "t"}}}"#,
+        )
+        .unwrap();
+        match &c.account("a").unwrap().kind {
+            AccountKind::Fixed(b) => assert_eq!(&b[..], br#"{"user":"u","pass":"p"}"#),
+            _ => panic!(),
+        }
+        match &c.account("b").unwrap().kind {
+            AccountKind::Fixed(b) => assert_eq!(&b[..], br#"{"user":"v","accessToken":"t"}"#),
+            _ => panic!(),
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_dangling_providers_are_named() {
+        let p = paths(parse_str(&format!(
+            r#"{{{PROVIDER}, "accounts": {{
+                "x": {{"user": "u", "provider": "nope", "refreshToken": "r"}},
+                "y": {{"user": "u", "provider": "idp", "refreshToken": "r", "colour": 1}},
+                "z": {{"user": "u", "pass": "p", "extra": true}}
+            }}}}"#
+        )));
+        assert_eq!(p, vec!["accounts.x.provider", "accounts.y.colour", "accounts.z.extra"]);
+    }
+
+    #[test]
+    fn unknown_field_message_names_the_field() {
+        let e = parse_str(&format!(
+            r#"{{{PROVIDER}, "accounts": {{"y": {{"user": "u", "provider": "idp", "refreshToken": "r", "colour": 1}}}}}}"#
+        ))
+        .err()
+        .unwrap();
+        assert!(e[0].message.contains("colour"), "{}", e[0].message);
+    }
+
+    #[test]
+    fn refresh_grant_needs_a_refresh_token() {
+        let p = paths(parse_str(&format!(
+            r#"{{{PROVIDER}, "accounts": {{"x": {{"user": "u", "provider": "idp"}}}}}}"#
+        )));
+        assert_eq!(p, vec!["accounts.x.refreshToken"]);
+    }
+
+    #[test]
+    fn secrets_from_missing_files_and_env_are_errors_without_values() {
+        let e = parse_str(
+            r#"{"accounts": {"a": {"user": "u", "pass": {"file": "/nonexistent/p"}},
+                "b": {"user": "u", "pass": {"env": "EE_AUTH_TEST_SURELY_UNSET"}},
+                "c": {"user": "u", "pass": {"vault": "x"}}}}"#,
+        )
+        .err()
+        .unwrap();
+        let p: Vec<_> = e.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            p,
+            vec!["accounts.a.pass", "accounts.b.pass", "accounts.c.pass"]
+        );
+    }
+
+    #[test]
+    fn protocols_share_sets_unless_overridden() {
+        let c = parse_str(&format!(
+            r#"{{{PROVIDER}, "accounts": {{"x": {{"user": "u", "provider": "idp", "refreshToken": "r",
+                "scopes": ["a"], "protocols": {{"api": {{"scopes": ["b"]}}}}}}}}}}"#
+        ))
+        .unwrap();
+        let AccountKind::OAuth(o) = &c.account("x").unwrap().kind else {
+            panic!()
+        };
+        assert_eq!(
+            o.set_for(Some(Proto::Imap)).key,
+            o.set_for(Some(Proto::Smtp)).key
+        );
+        assert_eq!(o.set_for(None).key, o.set_for(Some(Proto::Imap)).key);
+        assert_ne!(
+            o.set_for(Some(Proto::Api)).key,
+            o.set_for(Some(Proto::Imap)).key
+        );
+        assert_eq!(o.sets().len(), 2);
+        assert_eq!(o.warm_sets().len(), 2);
+    }
+
+    #[test]
+    fn bad_json_says_where() {
+        let e = parse_str("{\"accounts\": {").err().unwrap();
+        assert_eq!(e[0].path, "(file)");
+        assert!(e[0].message.contains("line 1"), "{}", e[0].message);
+    }
+}

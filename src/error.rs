@@ -1,0 +1,128 @@
+//! Request-level errors and the one place they become HTTP statuses.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::cache::CacheError;
+use crate::metrics::Outcome;
+use crate::protocol::{error_body, QueryError};
+
+/// Why a request was not answered with a token.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Only GET (or POST on admin actions) is served.
+    #[error("method not allowed")]
+    MethodNotAllowed(&'static str),
+    /// Missing or wrong Basic credentials.
+    #[error("missing or wrong credentials")]
+    Unauthorized,
+    /// The query is malformed.
+    #[error(transparent)]
+    BadRequest(#[from] QueryError),
+    /// No such account in the current config.
+    #[error("unknown account")]
+    UnknownAccount,
+    /// No such path.
+    #[error("not found")]
+    NotFound,
+    /// The cache could not produce a token.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+/// Retry-After values are kept short: EmailEngine holds the IMAP connection attempt open
+/// while it waits, and a later retry will simply be told again.
+const MAX_RETRY_AFTER_SECS: u64 = 30;
+
+impl ServeError {
+    /// The HTTP status for this error; see the protocol contract for why 429 is special.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ServeError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ServeError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ServeError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ServeError::UnknownAccount | ServeError::NotFound => StatusCode::NOT_FOUND,
+            ServeError::Cache(CacheError::Unavailable { .. }) => StatusCode::TOO_MANY_REQUESTS,
+            ServeError::Cache(CacheError::Failed { .. }) => StatusCode::FORBIDDEN,
+        }
+    }
+
+    /// The metric outcome.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            ServeError::MethodNotAllowed(_) | ServeError::BadRequest(_) => Outcome::BadRequest,
+            ServeError::Unauthorized => Outcome::Unauthorized,
+            ServeError::UnknownAccount | ServeError::NotFound => Outcome::NotFound,
+            ServeError::Cache(CacheError::Unavailable { .. }) => Outcome::Unavailable,
+            ServeError::Cache(CacheError::Failed { .. }) => Outcome::Failed,
+        }
+    }
+
+    /// The full response: JSON body naming the problem (never a secret) and the headers
+    /// the status calls for.
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let status = self.status();
+        let body = match &self {
+            ServeError::Cache(CacheError::Failed { provider, error }) => {
+                error_body(&self.to_string(), Some(&error.code), Some(provider))
+            }
+            _ => error_body(&self.to_string(), None, None),
+        };
+        let mut resp = json_response(status, body);
+        let headers = resp.headers_mut();
+        match &self {
+            ServeError::Unauthorized => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"ee-auth-sidecar\""),
+                );
+            }
+            ServeError::MethodNotAllowed(allow) => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            ServeError::Cache(CacheError::Unavailable { retry_after, .. }) => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(*retry_after)),
+                );
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+/// Whole seconds, rounded up, between 1 and the cap.
+pub fn retry_after_secs(d: Duration) -> u64 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    secs.clamp(1, MAX_RETRY_AFTER_SECS)
+}
+
+/// A JSON response with the given status.
+pub fn json_response(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_rounded_up_and_capped() {
+        assert_eq!(retry_after_secs(Duration::from_millis(10)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(2100)), 3);
+        assert_eq!(retry_after_secs(Duration::from_secs(3600)), 30);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+    }
+}

@@ -1,0 +1,344 @@
+//! The EmailEngine authentication-server contract: what a request looks like, who may make
+//! it, and the exact answer bodies EmailEngine accepts.
+//!
+//! Everything here is pure and allocation-light, because it runs on every IMAP/SMTP
+//! connection and every Gmail/Graph API call EmailEngine makes. The rules follow
+//! EmailEngine's code (see `shared/docs/emailengine-auth-protocol.md`).
+
+use base64::Engine;
+use bytes::Bytes;
+use percent_encoding::percent_decode_str;
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+
+use crate::secret::Secret;
+
+/// The protocol EmailEngine is authenticating, from the `proto` query parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Proto {
+    /// An IMAP connection.
+    Imap,
+    /// An SMTP submission.
+    Smtp,
+    /// A Gmail API or MS Graph API request.
+    Api,
+}
+
+impl Proto {
+    /// All protocols, in a fixed order (used for per-protocol tables).
+    pub const ALL: [Proto; 3] = [Proto::Imap, Proto::Smtp, Proto::Api];
+
+    /// The wire name, also used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Imap => "imap",
+            Proto::Smtp => "smtp",
+            Proto::Api => "api",
+        }
+    }
+
+    /// Parses the wire name; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Proto> {
+        match s {
+            "imap" => Some(Proto::Imap),
+            "smtp" => Some(Proto::Smtp),
+            "api" => Some(Proto::Api),
+            _ => None,
+        }
+    }
+}
+
+/// What a token request asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TokenQuery {
+    /// The EmailEngine account id.
+    pub account: String,
+    /// The protocol; `None` when EmailEngine (older versions) sent no `proto`: "any protocol".
+    pub proto: Option<Proto>,
+}
+
+/// Why a query string was refused (answered with 400).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QueryError {
+    /// No `account` parameter.
+    #[error("missing query parameter `account`")]
+    MissingAccount,
+    /// `account=` with nothing after it.
+    #[error("query parameter `account` is empty")]
+    EmptyAccount,
+    /// A parameter we read appears twice: which one wins would be a guess.
+    #[error("query parameter `{0}` is given more than once")]
+    Duplicate(&'static str),
+    /// `proto` is not one of imap, smtp, api.
+    #[error("unknown `proto` value (expected imap, smtp or api)")]
+    UnknownProto,
+    /// Percent-encoding that does not decode to UTF-8.
+    #[error("query parameter `{0}` is not valid percent-encoded UTF-8")]
+    InvalidEncoding(&'static str),
+}
+
+/// Parses `account` and `proto` from a query string, as EmailEngine form-encodes them
+/// (`+` is a space). Other parameters are ignored: the configured URL may carry its own.
+pub fn parse_query(query: Option<&str>) -> Result<TokenQuery, QueryError> {
+    let mut account: Option<String> = None;
+    let mut proto: Option<Option<Proto>> = None;
+    for pair in query.unwrap_or("").split('&') {
+        let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
+        match raw_name {
+            "account" => {
+                if account.is_some() {
+                    return Err(QueryError::Duplicate("account"));
+                }
+                account = Some(decode_component(raw_value, "account")?);
+            }
+            "proto" => {
+                if proto.is_some() {
+                    return Err(QueryError::Duplicate("proto"));
+                }
+                let value = decode_component(raw_value, "proto")?;
+                proto = Some(if value.is_empty() {
+                    None
+                } else {
+                    Some(Proto::parse(&value).ok_or(QueryError::UnknownProto)?)
+                });
+            }
+            _ => {}
+        }
+    }
+    let account = account.ok_or(QueryError::MissingAccount)?;
+    if account.is_empty() {
+        return Err(QueryError::EmptyAccount);
+    }
+    Ok(TokenQuery {
+        account,
+        proto: proto.flatten(),
+    })
+}
+
+/// Decodes one form-encoded value strictly: invalid UTF-8 is an error, not a U+FFFD.
+fn decode_component(raw: &str, name: &'static str) -> Result<String, QueryError> {
+    if !raw.contains(['%', '+']) {
+        return Ok(raw.to_owned());
+    }
+    let plus_decoded = raw.replace('+', " ");
+    let bytes: Vec<u8> = percent_decode_str(&plus_decoded).collect();
+    String::from_utf8(bytes).map_err(|_| QueryError::InvalidEncoding(name))
+}
+
+/// Basic credentials the sidecar expects, compared byte for byte in constant time.
+///
+/// EmailEngine takes the user and password from the `authServer` URL without
+/// percent-decoding them, so the expected bytes are exactly what the operator typed
+/// into that URL (for example the literal `p%40ss`).
+#[derive(Clone)]
+pub struct BasicCredentials {
+    /// `user:password`, the decoded form of the header's base64 payload.
+    expected: Vec<u8>,
+}
+
+impl std::fmt::Debug for BasicCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BasicCredentials([redacted])")
+    }
+}
+
+impl BasicCredentials {
+    /// Builds the expected credentials.
+    pub fn new(username: &str, password: &Secret) -> Self {
+        let mut expected = Vec::with_capacity(username.len() + 1 + password.expose().len());
+        expected.extend_from_slice(username.as_bytes());
+        expected.push(b':');
+        expected.extend_from_slice(password.expose().as_bytes());
+        BasicCredentials { expected }
+    }
+
+    /// Whether an `Authorization` header value carries exactly these credentials.
+    pub fn matches(&self, header: Option<&[u8]>) -> bool {
+        let Some(presented) = header.and_then(decode_basic) else {
+            return false;
+        };
+        // ct_eq on slices of different lengths returns false without leaking content.
+        bool::from(presented.as_slice().ct_eq(&self.expected))
+    }
+}
+
+/// Decodes `Basic <base64>` into its `user:password` bytes; `None` if it is anything else.
+pub fn decode_basic(header: &[u8]) -> Option<Vec<u8>> {
+    let header = header.trim_ascii();
+    let (scheme, rest) = header.split_at_checked(6)?;
+    if !scheme.eq_ignore_ascii_case(b"basic ") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim_ascii())
+        .ok()?;
+    decoded.contains(&b':').then_some(decoded)
+}
+
+/// Largest `user` EmailEngine accepts (Joi counts UTF-16 code units).
+pub const MAX_USER_LEN: usize = 256;
+/// Largest `accessToken` EmailEngine accepts.
+pub const MAX_ACCESS_TOKEN_LEN: usize = 16_384;
+/// Largest `pass` EmailEngine accepts.
+pub const MAX_PASS_LEN: usize = 256;
+
+/// Why an answer body would be rejected by EmailEngine's validation.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AnswerError {
+    /// `user` is empty or longer than EmailEngine takes.
+    #[error("`user` must be 1 to {MAX_USER_LEN} characters")]
+    User,
+    /// The access token is empty or longer than EmailEngine takes.
+    #[error("access token must be 1 to {MAX_ACCESS_TOKEN_LEN} characters")]
+    AccessToken,
+    /// The password is longer than EmailEngine takes.
+    #[error("`pass` must be at most {MAX_PASS_LEN} characters")]
+    Pass,
+}
+
+fn js_len(s: &str) -> usize {
+    s.encode_utf16().count()
+}
+
+#[derive(Serialize)]
+struct TokenAnswer<'a> {
+    user: &'a str,
+    #[serde(rename = "accessToken")]
+    access_token: &'a str,
+}
+
+#[derive(Serialize)]
+struct PasswordAnswer<'a> {
+    user: &'a str,
+    pass: &'a str,
+}
+
+/// The serialized `{"user","accessToken"}` answer, built once per token and then shared.
+pub fn token_answer(user: &str, access_token: &Secret) -> Result<Bytes, AnswerError> {
+    check_user(user)?;
+    let len = js_len(access_token.expose());
+    if len == 0 || len > MAX_ACCESS_TOKEN_LEN {
+        return Err(AnswerError::AccessToken);
+    }
+    Ok(to_bytes(&TokenAnswer {
+        user,
+        access_token: access_token.expose(),
+    }))
+}
+
+/// The serialized `{"user","pass"}` answer for a password account.
+pub fn password_answer(user: &str, pass: &Secret) -> Result<Bytes, AnswerError> {
+    check_user(user)?;
+    if js_len(pass.expose()) > MAX_PASS_LEN {
+        return Err(AnswerError::Pass);
+    }
+    Ok(to_bytes(&PasswordAnswer {
+        user,
+        pass: pass.expose(),
+    }))
+}
+
+fn check_user(user: &str) -> Result<(), AnswerError> {
+    let len = js_len(user);
+    if len == 0 || len > MAX_USER_LEN {
+        return Err(AnswerError::User);
+    }
+    Ok(())
+}
+
+fn to_bytes<T: Serialize>(value: &T) -> Bytes {
+    // Serializing a struct of &str fields into a Vec cannot fail.
+    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+}
+
+/// A JSON error body `{"error": message, ...}`; callers never put a secret in it.
+pub fn error_body(message: &str, code: Option<&str>, provider: Option<&str>) -> Bytes {
+    #[derive(Serialize)]
+    struct ErrorBody<'a> {
+        error: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        code: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        provider: Option<&'a str>,
+    }
+    to_bytes(&ErrorBody {
+        error: message,
+        code,
+        provider,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_account_and_proto() {
+        let q = parse_query(Some("account=ex&proto=imap")).unwrap();
+        assert_eq!(q.account, "ex");
+        assert_eq!(q.proto, Some(Proto::Imap));
+        let q = parse_query(Some("foo=1&account=a+b%26c")).unwrap();
+        assert_eq!(q.account, "a b&c");
+        assert_eq!(q.proto, None);
+    }
+
+    #[test]
+    fn refuses_bad_queries() {
+        assert_eq!(parse_query(None), Err(QueryError::MissingAccount));
+        assert_eq!(parse_query(Some("account=")), Err(QueryError::EmptyAccount));
+        assert_eq!(
+            parse_query(Some("account=a&account=b")),
+            Err(QueryError::Duplicate("account"))
+        );
+        assert_eq!(
+            parse_query(Some("account=a&proto=pop3")),
+            Err(QueryError::UnknownProto)
+        );
+        assert_eq!(
+            parse_query(Some("account=%ff")),
+            Err(QueryError::InvalidEncoding("account"))
+        );
+    }
+
+    #[test]
+    fn basic_auth_compares_literal_bytes() {
+        let creds = BasicCredentials::new("emailengine", &Secret::new("p%40ss"));
+        let good = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("emailengine:p%40ss")
+        );
+        let decoded = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("emailengine:p@ss")
+        );
+        assert!(creds.matches(Some(good.as_bytes())));
+        assert!(!creds.matches(Some(decoded.as_bytes())));
+        assert!(!creds.matches(None));
+        assert!(!creds.matches(Some(b"Bearer abc")));
+        assert!(!creds.matches(Some(b"Basic !!!")));
+    }
+
+    #[test]
+    fn answers_are_what_emailengine_validates() {
+        let body = token_answer("u@example.com", &Secret::new("tok")).unwrap();
+        assert_eq!(
+            &body[..],
+            br#"{"user":"u@example.com","accessToken":"tok"}"#
+        );
+        assert_eq!(
+            token_answer("u", &Secret::new("")),
+            Err(AnswerError::AccessToken)
+        );
+        let long = "x".repeat(MAX_ACCESS_TOKEN_LEN + 1);
+        assert_eq!(
+            token_answer("u", &Secret::new(long)),
+            Err(AnswerError::AccessToken)
+        );
+        assert_eq!(
+            password_answer("", &Secret::new("p")),
+            Err(AnswerError::User)
+        );
+        let body = password_answer("u", &Secret::new("")).unwrap();
+        assert_eq!(&body[..], br#"{"user":"u","pass":""}"#);
+    }
+}

@@ -1,0 +1,82 @@
+//! Google user accounts (Gmail, Google Workspace) with stored refresh tokens.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{check_url, classify, post_form, ClientAuth, ProviderError, TokenGrant, TokenRequest};
+use crate::config::{from_value, ConfigError, ScopedResolver, SecretSource};
+use crate::secret::Secret;
+
+/// Google's token endpoint.
+pub const TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
+/// Full Gmail access: what IMAP and SMTP need.
+pub const GMAIL_SCOPE: &str = "https://mail.google.com/";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Raw {
+    client_id: String,
+    client_secret: SecretSource,
+    #[serde(default)]
+    token_url: Option<String>,
+}
+
+/// A Google OAuth2 client.
+#[derive(Debug)]
+pub struct Google {
+    token_url: String,
+    client_id: String,
+    client_secret: Secret,
+}
+
+impl Google {
+    /// Parses `{"clientId", "clientSecret", "tokenUrl"?}`.
+    pub fn from_config(
+        value: &Value,
+        path: &str,
+        secrets: &mut ScopedResolver<'_>,
+    ) -> Result<Self, ConfigError> {
+        let raw: Raw = from_value(value, path)?;
+        let token_url = raw.token_url.unwrap_or_else(|| TOKEN_URL.to_owned());
+        check_url(&token_url, &format!("{path}.tokenUrl"))?;
+        let client_secret = secrets.secret(&raw.client_secret, &format!("{path}.clientSecret"))?;
+        Ok(Google {
+            token_url,
+            client_id: raw.client_id,
+            client_secret,
+        })
+    }
+
+    /// Refreshes a token. Google keeps refresh tokens stable, so the answer usually has
+    /// none; the caller then keeps the one it has.
+    pub async fn fetch(
+        &self,
+        http: &reqwest::Client,
+        req: &TokenRequest<'_>,
+    ) -> Result<TokenGrant, ProviderError> {
+        let rt = req
+            .refresh_token
+            .ok_or_else(|| ProviderError::transient("no_refresh_token"))?;
+        let scope = req.scopes.join(" ");
+        let mut form = vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", rt.expose()),
+            ("client_id", self.client_id.as_str()),
+            ("client_secret", self.client_secret.expose()),
+        ];
+        // Without `scope` Google returns every scope the user granted; send it only to
+        // narrow a token the operator asked to narrow.
+        if req.scopes_explicit && !scope.is_empty() {
+            form.push(("scope", &scope));
+        }
+        post_form(http, &self.token_url, &form, ClientAuth::Post)
+            .await
+            .map_err(|f| {
+                let mut e = classify(f);
+                if e.code == "invalid_grant" {
+                    e.hint = Some("the refresh token was revoked, expired (unused 6 months, password change) or exceeded the per-client limit; the user must consent again");
+                }
+                e
+            })
+    }
+}

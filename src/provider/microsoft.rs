@@ -1,0 +1,297 @@
+//! Microsoft identity platform (Entra ID): Outlook IMAP/SMTP and Microsoft Graph.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{
+    check_url, classify, post_form, ClientAuth, ErrorClass, Failure, Grant, ProviderError,
+    TokenGrant, TokenRequest,
+};
+use crate::config::{from_value, ConfigError, ScopedResolver, SecretSource};
+use crate::protocol::Proto;
+use crate::secret::Secret;
+
+/// A national cloud: picks the authority host and the resource hosts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+pub enum Cloud {
+    /// Worldwide.
+    #[default]
+    #[serde(rename = "global")]
+    Global,
+    /// US Government GCC High.
+    #[serde(rename = "gcc-high")]
+    GccHigh,
+    /// US Government DoD.
+    #[serde(rename = "dod")]
+    Dod,
+    /// China (21Vianet).
+    #[serde(rename = "china")]
+    China,
+}
+
+impl Cloud {
+    fn authority(self) -> &'static str {
+        match self {
+            Cloud::Global => "login.microsoftonline.com",
+            Cloud::GccHigh | Cloud::Dod => "login.microsoftonline.us",
+            Cloud::China => "login.chinacloudapi.cn",
+        }
+    }
+
+    /// The Exchange Online resource for delegated IMAP/SMTP scopes.
+    fn outlook_delegated(self) -> &'static str {
+        match self {
+            Cloud::Global => "https://outlook.office.com",
+            Cloud::GccHigh => "https://outlook.office365.us",
+            Cloud::Dod => "https://outlook-dod.office365.us",
+            Cloud::China => "https://partner.outlook.cn",
+        }
+    }
+
+    /// The Exchange Online resource for app-only (client credentials) IMAP/SMTP.
+    fn outlook_app(self) -> &'static str {
+        match self {
+            Cloud::Global => "https://outlook.office365.com",
+            other => other.outlook_delegated(),
+        }
+    }
+
+    fn graph(self) -> &'static str {
+        match self {
+            Cloud::Global => "https://graph.microsoft.com",
+            Cloud::GccHigh => "https://graph.microsoft.us",
+            Cloud::Dod => "https://dod-graph.microsoft.us",
+            Cloud::China => "https://microsoftgraph.chinacloudapi.cn",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Raw {
+    client_id: String,
+    #[serde(default)]
+    client_secret: Option<SecretSource>,
+    #[serde(default)]
+    tenant: Option<String>,
+    #[serde(default)]
+    cloud: Cloud,
+    #[serde(default)]
+    token_url: Option<String>,
+}
+
+/// Tenants that name no directory: fine for users signing in, meaningless for an app.
+const PUBLIC_TENANTS: [&str; 3] = ["common", "organizations", "consumers"];
+
+/// AADSTS codes that need a person (re-consent, password reset, re-enable).
+const PERMANENT_AADSTS: &[u64] = &[
+    50173, 700082, 70008, 70000, 65001, 50076, 50079, 53003, 50057, 50126, 7000215, 7000222, 700016,
+];
+
+/// A Microsoft identity platform app registration.
+#[derive(Debug)]
+pub struct Microsoft {
+    token_url: String,
+    tenant: String,
+    cloud: Cloud,
+    client_id: String,
+    client_secret: Option<Secret>,
+}
+
+impl Microsoft {
+    /// Parses `{"clientId", "clientSecret", "tenant", "cloud", "tokenUrl"?}`.
+    pub fn from_config(
+        value: &Value,
+        path: &str,
+        secrets: &mut ScopedResolver<'_>,
+    ) -> Result<Self, ConfigError> {
+        let raw: Raw = from_value(value, path)?;
+        let tenant = raw.tenant.unwrap_or_else(|| "common".to_owned());
+        if tenant.is_empty()
+            || !tenant
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return Err(ConfigError::new(
+                format!("{path}.tenant"),
+                "must be common, organizations, consumers, a tenant id or a domain",
+            ));
+        }
+        let token_url = match raw.token_url {
+            Some(u) => u,
+            None => format!(
+                "https://{}/{tenant}/oauth2/v2.0/token",
+                raw.cloud.authority()
+            ),
+        };
+        check_url(&token_url, &format!("{path}.tokenUrl"))?;
+        let client_secret = raw
+            .client_secret
+            .map(|s| secrets.secret(&s, &format!("{path}.clientSecret")))
+            .transpose()?;
+        Ok(Microsoft {
+            token_url,
+            tenant,
+            cloud: raw.cloud,
+            client_id: raw.client_id,
+            client_secret,
+        })
+    }
+
+    /// refresh_token always; client_credentials only for a specific tenant with a secret.
+    pub fn check_grant(&self, grant: Grant) -> Result<(), String> {
+        match grant {
+            Grant::RefreshToken => Ok(()),
+            Grant::ClientCredentials if PUBLIC_TENANTS.contains(&self.tenant.as_str()) => Err(format!(
+                "the client_credentials grant needs a specific tenant (a tenant id or domain), not `{}`",
+                self.tenant
+            )),
+            Grant::ClientCredentials if self.client_secret.is_none() => {
+                Err("the client_credentials grant needs the provider's clientSecret".into())
+            }
+            Grant::ClientCredentials => Ok(()),
+            Grant::JwtBearer => Err("a microsoft provider does not support the jwt_bearer grant (supported: refresh_token, client_credentials)".into()),
+        }
+    }
+
+    /// App-only tokens can only ask for `<resource>/.default`.
+    pub fn check_scopes(&self, grant: Grant, scopes: &[String]) -> Result<(), String> {
+        if grant == Grant::ClientCredentials
+            && (scopes.len() != 1 || !scopes[0].ends_with("/.default"))
+        {
+            return Err("the client_credentials grant takes exactly one scope of the form `<resource>/.default`".into());
+        }
+        Ok(())
+    }
+
+    /// Outlook IMAP/SMTP scopes for imap/smtp (and no proto), Graph for api; the cloud's
+    /// own hosts.
+    pub fn default_scopes(&self, grant: Grant, proto: Option<Proto>) -> Vec<String> {
+        let c = self.cloud;
+        match (grant, proto) {
+            (Grant::ClientCredentials, Some(Proto::Api)) => vec![format!("{}/.default", c.graph())],
+            (Grant::ClientCredentials, _) => vec![format!("{}/.default", c.outlook_app())],
+            (_, Some(Proto::Api)) => vec![
+                format!("{}/.default", c.graph()),
+                "offline_access".to_owned(),
+            ],
+            _ => vec![
+                format!("{}/IMAP.AccessAsUser.All", c.outlook_delegated()),
+                format!("{}/SMTP.Send", c.outlook_delegated()),
+                "offline_access".to_owned(),
+            ],
+        }
+    }
+
+    /// Fetches a token. Every refresh answer carries a new refresh token.
+    pub async fn fetch(
+        &self,
+        http: &reqwest::Client,
+        req: &TokenRequest<'_>,
+    ) -> Result<TokenGrant, ProviderError> {
+        let scope = req.scopes.join(" ");
+        let mut form: Vec<(&str, &str)> = vec![("client_id", &self.client_id)];
+        if let Some(s) = &self.client_secret {
+            form.push(("client_secret", s.expose()));
+        }
+        match req.grant {
+            Grant::RefreshToken => {
+                let rt = req
+                    .refresh_token
+                    .ok_or_else(|| ProviderError::transient("no_refresh_token"))?;
+                form.push(("grant_type", "refresh_token"));
+                form.push(("refresh_token", rt.expose()));
+            }
+            _ => form.push(("grant_type", "client_credentials")),
+        }
+        form.push(("scope", &scope));
+        post_form(http, &self.token_url, &form, ClientAuth::Post)
+            .await
+            .map_err(classify_microsoft)
+    }
+}
+
+/// Standard classification plus AADSTS codes, which decide permanence more precisely.
+fn classify_microsoft(f: Failure) -> ProviderError {
+    let aadsts = match &f {
+        Failure::Status { body: Some(b), .. } => b
+            .error_codes
+            .as_ref()
+            .and_then(|c| c.first().copied())
+            .or_else(|| b.error_description.as_deref().and_then(aadsts_in_text)),
+        _ => None,
+    };
+    let mut e = classify(f);
+    if let Some(code) = aadsts {
+        e.provider_code = Some(format!("AADSTS{code}"));
+        // A 4xx is already permanent; an AADSTS code that needs a person makes the
+        // rare non-standard answer (a 5xx carrying one) permanent too.
+        if PERMANENT_AADSTS.contains(&code)
+            && !matches!(e.code.as_str(), "http_429" | "temporarily_unavailable")
+        {
+            e.class = ErrorClass::Permanent;
+        }
+        e.hint = match code {
+            50173 | 70008 | 700082 | 70000 => {
+                Some("the refresh token was revoked or expired; the user must consent again")
+            }
+            65001 => Some("the user or an administrator has not consented to the app's scopes"),
+            7000215 | 7000222 => {
+                Some("the client secret is invalid or expired; rotate it in the provider config")
+            }
+            700016 => Some("the client id is not found in the tenant"),
+            _ => None,
+        };
+    }
+    if e.hint.is_none() && matches!(e.code.as_str(), "interaction_required" | "consent_required") {
+        e.hint = Some("the user must sign in interactively and consent again");
+    }
+    e
+}
+
+/// Finds `AADSTS<digits>` in an error description.
+fn aadsts_in_text(text: &str) -> Option<u64> {
+    let start = text.find("AADSTS")? + 6;
+    let digits: String = text[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::OAuthErrorBody;
+
+    #[test]
+    fn aadsts_codes_are_surfaced_and_permanent() {
+        let e = classify_microsoft(Failure::Status {
+            status: 400,
+            retry_after: None,
+            body: Some(OAuthErrorBody {
+                error: Some("invalid_grant".into()),
+                error_description: Some(
+                    "AADSTS70008: The provided authorization code or refresh token has expired"
+                        .into(),
+                ),
+                error_codes: None,
+            }),
+        });
+        assert_eq!(e.class, ErrorClass::Permanent);
+        assert_eq!(e.provider_code.as_deref(), Some("AADSTS70008"));
+        assert_eq!(e.code, "invalid_grant");
+        assert!(!e.to_string().contains("authorization code"));
+    }
+
+    #[test]
+    fn throttling_stays_transient() {
+        let e = classify_microsoft(Failure::Status {
+            status: 429,
+            retry_after: Some(std::time::Duration::from_secs(3)),
+            body: None,
+        });
+        assert_eq!(e.class, ErrorClass::Transient);
+        assert_eq!(e.retry_after, Some(std::time::Duration::from_secs(3)));
+    }
+}

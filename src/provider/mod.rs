@@ -1,0 +1,538 @@
+//! Identity providers: how to ask each one for an access token, and how to read its answer.
+//!
+//! One file per provider type. Each owns its part of the config schema (parsed once per
+//! config load) and its request format; this module holds what they share: the grant
+//! names, the token-endpoint round trip, token-response parsing and error classification.
+
+pub mod google;
+pub mod google_service_account;
+pub mod microsoft;
+pub mod oauth2;
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::{ConfigError, ScopedResolver};
+use crate::protocol::Proto;
+use crate::secret::Secret;
+
+/// An OAuth2 grant the sidecar can perform.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+pub enum Grant {
+    /// Delegated access from a stored refresh token.
+    #[serde(rename = "refresh_token")]
+    RefreshToken,
+    /// App-only access with the client's own credentials.
+    #[serde(rename = "client_credentials")]
+    ClientCredentials,
+    /// RFC 7523 JWT bearer assertion (Google service accounts).
+    #[serde(rename = "jwt_bearer")]
+    JwtBearer,
+}
+
+impl Grant {
+    /// The config name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Grant::RefreshToken => "refresh_token",
+            Grant::ClientCredentials => "client_credentials",
+            Grant::JwtBearer => "jwt_bearer",
+        }
+    }
+}
+
+/// What one token fetch needs.
+#[derive(Debug)]
+pub struct TokenRequest<'a> {
+    /// The grant.
+    pub grant: Grant,
+    /// Scopes to request.
+    pub scopes: &'a [String],
+    /// Whether the operator configured the scopes (providers that don't need a `scope`
+    /// on refresh send it only then).
+    pub scopes_explicit: bool,
+    /// The refresh token to spend (refresh_token grant).
+    pub refresh_token: Option<&'a Secret>,
+    /// The mailbox user (`sub` of a service-account assertion).
+    pub subject: &'a str,
+}
+
+/// A successful token response.
+#[derive(Debug, Clone)]
+pub struct TokenGrant {
+    /// The access token.
+    pub access_token: Secret,
+    /// Its lifetime, when the provider said.
+    pub expires_in: Option<Duration>,
+    /// A new refresh token, when the provider rotated it.
+    pub refresh_token: Option<Secret>,
+}
+
+/// Whether retrying can help.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Network trouble, 5xx, 429, a garbled answer: retry with back-off.
+    Transient,
+    /// The grant or client is rejected: only a person (re-consent, config fix) can help.
+    Permanent,
+}
+
+impl ErrorClass {
+    /// A metric label / status field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Transient => "transient",
+            ErrorClass::Permanent => "permanent",
+        }
+    }
+}
+
+/// Why a token fetch failed. Carries codes, never the provider's free-text description
+/// (which may echo request data) and never a secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}{}{}", .provider_code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default(), .hint.map(|h| format!(": {h}")).unwrap_or_default())]
+pub struct ProviderError {
+    /// Transient or permanent.
+    pub class: ErrorClass,
+    /// The OAuth2 `error` code (`invalid_grant`), or ours (`timeout`, `http_503`, `invalid_response`).
+    pub code: String,
+    /// A provider-specific code such as `AADSTS70008`.
+    pub provider_code: Option<String>,
+    /// What the operator should do, where we know.
+    pub hint: Option<&'static str>,
+    /// The provider's `Retry-After`.
+    pub retry_after: Option<Duration>,
+}
+
+impl ProviderError {
+    /// A transient failure with our own code.
+    pub fn transient(code: impl Into<String>) -> Self {
+        ProviderError {
+            class: ErrorClass::Transient,
+            code: code.into(),
+            provider_code: None,
+            hint: None,
+            retry_after: None,
+        }
+    }
+}
+
+/// A configured identity provider.
+#[derive(Debug)]
+pub enum Provider {
+    /// Any OAuth2 token endpoint.
+    OAuth2(oauth2::OAuth2),
+    /// Microsoft identity platform (Entra ID, Outlook, Microsoft 365).
+    Microsoft(microsoft::Microsoft),
+    /// Google user accounts (Gmail, Workspace) with refresh tokens.
+    Google(google::Google),
+    /// Google Workspace domain-wide delegation with a service-account key.
+    GoogleServiceAccount(google_service_account::ServiceAccount),
+}
+
+impl Provider {
+    /// Builds a provider of type `kind` from its config object (without `type`).
+    pub fn from_config(
+        kind: &str,
+        value: &Value,
+        path: &str,
+        secrets: &mut ScopedResolver<'_>,
+    ) -> Result<Provider, ConfigError> {
+        Ok(match kind {
+            "oauth2" => Provider::OAuth2(oauth2::OAuth2::from_config(value, path, secrets)?),
+            "microsoft" => {
+                Provider::Microsoft(microsoft::Microsoft::from_config(value, path, secrets)?)
+            }
+            "google" => Provider::Google(google::Google::from_config(value, path, secrets)?),
+            "google-service-account" => Provider::GoogleServiceAccount(
+                google_service_account::ServiceAccount::from_config(value, path, secrets)?,
+            ),
+            other => {
+                return Err(ConfigError::new(
+                    format!("{path}.type"),
+                    format!(
+                        "unknown provider type `{other}`; one of oauth2, microsoft, google, google-service-account"
+                    ),
+                ))
+            }
+        })
+    }
+
+    /// The provider type name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Provider::OAuth2(_) => "oauth2",
+            Provider::Microsoft(_) => "microsoft",
+            Provider::Google(_) => "google",
+            Provider::GoogleServiceAccount(_) => "google-service-account",
+        }
+    }
+
+    /// The grant an account gets when it names none.
+    pub fn default_grant(&self) -> Grant {
+        match self {
+            Provider::GoogleServiceAccount(_) => Grant::JwtBearer,
+            _ => Grant::RefreshToken,
+        }
+    }
+
+    /// Whether this provider can perform `grant`; the error says why not.
+    pub fn check_grant(&self, grant: Grant) -> Result<(), String> {
+        let supported: &[Grant] = match self {
+            Provider::OAuth2(_) => &[Grant::RefreshToken, Grant::ClientCredentials],
+            Provider::Microsoft(m) => return m.check_grant(grant),
+            Provider::Google(_) => &[Grant::RefreshToken],
+            Provider::GoogleServiceAccount(_) => &[Grant::JwtBearer],
+        };
+        if supported.contains(&grant) {
+            Ok(())
+        } else {
+            Err(format!(
+                "a {} provider does not support the {} grant (supported: {})",
+                self.kind(),
+                grant.as_str(),
+                supported
+                    .iter()
+                    .map(|g| g.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        }
+    }
+
+    /// Whether `scopes` are acceptable for `grant`.
+    pub fn check_scopes(
+        &self,
+        grant: Grant,
+        scopes: &[String],
+        explicit: bool,
+    ) -> Result<(), String> {
+        match self {
+            Provider::Microsoft(m) => m.check_scopes(grant, scopes),
+            Provider::GoogleServiceAccount(_) if scopes.is_empty() => {
+                Err("a service-account assertion needs at least one scope".into())
+            }
+            _ => {
+                let _ = explicit;
+                Ok(())
+            }
+        }
+    }
+
+    /// Scopes an account gets when it configures none.
+    pub fn default_scopes(&self, grant: Grant, proto: Option<Proto>) -> Vec<String> {
+        match self {
+            Provider::OAuth2(_) => Vec::new(),
+            Provider::Microsoft(m) => m.default_scopes(grant, proto),
+            Provider::Google(_) | Provider::GoogleServiceAccount(_) => {
+                vec![google::GMAIL_SCOPE.to_owned()]
+            }
+        }
+    }
+
+    /// Fetches one access token.
+    pub async fn fetch(
+        &self,
+        http: &reqwest::Client,
+        req: &TokenRequest<'_>,
+    ) -> Result<TokenGrant, ProviderError> {
+        match self {
+            Provider::OAuth2(p) => p.fetch(http, req).await,
+            Provider::Microsoft(p) => p.fetch(http, req).await,
+            Provider::Google(p) => p.fetch(http, req).await,
+            Provider::GoogleServiceAccount(p) => p.fetch(http, req).await,
+        }
+    }
+}
+
+/// The largest token response we read; anything bigger is not a token response.
+const MAX_RESPONSE_BYTES: usize = 256 * 1024;
+
+/// What came back from a token endpoint that was not a token.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// No usable HTTP answer.
+    Network(ProviderError),
+    /// A non-2xx answer, with the OAuth2 error body if it had one.
+    Status {
+        status: u16,
+        retry_after: Option<Duration>,
+        body: Option<OAuthErrorBody>,
+    },
+    /// A 2xx answer that is not a usable token response.
+    Invalid(ProviderError),
+}
+
+/// The standard OAuth2 error body (RFC 6749 §5.2) plus Microsoft's `error_codes`.
+#[derive(Debug, Deserialize, Default)]
+pub(crate) struct OAuthErrorBody {
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub error_description: Option<String>,
+    #[serde(default)]
+    pub error_codes: Option<Vec<u64>>,
+}
+
+/// How the client authenticates to the token endpoint.
+pub(crate) enum ClientAuth<'a> {
+    /// Credentials in the form body (or none).
+    Post,
+    /// HTTP Basic, with id and secret form-encoded first (RFC 6749 §2.3.1).
+    Basic(&'a str, &'a Secret),
+}
+
+/// POSTs a token request form and returns the parsed token, or what went wrong.
+pub(crate) async fn post_form(
+    http: &reqwest::Client,
+    url: &str,
+    form: &[(&str, &str)],
+    auth: ClientAuth<'_>,
+) -> Result<TokenGrant, Failure> {
+    let body: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form)
+        .finish();
+    let mut req = http
+        .post(url)
+        .header(
+            reqwest::header::CONTENT_TYPE,
+            "application/x-www-form-urlencoded",
+        )
+        .header(reqwest::header::ACCEPT, "application/json")
+        .body(body);
+    if let ClientAuth::Basic(id, secret) = auth {
+        let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        req = req.basic_auth(enc(id), Some(enc(secret.expose())));
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| Failure::Network(network_error(&e)))?;
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after);
+    let body = read_limited(resp).await.map_err(Failure::Network)?;
+    if (200..300).contains(&status) {
+        parse_token_response(&body).map_err(Failure::Invalid)
+    } else {
+        Err(Failure::Status {
+            status,
+            retry_after,
+            body: serde_json::from_slice::<OAuthErrorBody>(&body)
+                .ok()
+                .filter(|b| b.error.is_some()),
+        })
+    }
+}
+
+async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, ProviderError> {
+    let mut out = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if out.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                    return Err(ProviderError::transient("response_too_large"));
+                }
+                out.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(out),
+            Err(e) => return Err(network_error(&e)),
+        }
+    }
+}
+
+fn network_error(e: &reqwest::Error) -> ProviderError {
+    // reqwest's Display names the URL, which is fine, but our own codes are steadier.
+    let code = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect_failed"
+    } else if e.is_body() || e.is_decode() {
+        "connection_lost"
+    } else {
+        "network_error"
+    };
+    ProviderError::transient(code)
+}
+
+/// `Retry-After` as delta-seconds or an HTTP date.
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(v).ok()?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// Parses a 2xx token response (RFC 6749 §5.1).
+pub fn parse_token_response(body: &[u8]) -> Result<TokenGrant, ProviderError> {
+    let invalid = |what: &'static str| ProviderError {
+        hint: Some(what),
+        ..ProviderError::transient("invalid_response")
+    };
+    let v: Value =
+        serde_json::from_slice(body).map_err(|_| invalid("token response is not JSON"))?;
+    let obj = v
+        .as_object()
+        .ok_or(invalid("token response is not a JSON object"))?;
+    let access_token = match obj.get("access_token") {
+        Some(Value::String(s)) if !s.is_empty() => Secret::new(s.as_str()),
+        _ => return Err(invalid("token response has no access_token")),
+    };
+    // Some servers send expires_in as a string; a nonsensical one counts as absent.
+    let expires_in = match obj.get("expires_in") {
+        Some(Value::Number(n)) => n.as_f64(),
+        Some(Value::String(s)) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    }
+    .filter(|s| s.is_finite() && *s > 0.0 && *s < 1.0e9)
+    .map(Duration::from_secs_f64);
+    let refresh_token = match obj.get("refresh_token") {
+        Some(Value::String(s)) if !s.is_empty() => Some(Secret::new(s.as_str())),
+        _ => None,
+    };
+    Ok(TokenGrant {
+        access_token,
+        expires_in,
+        refresh_token,
+    })
+}
+
+/// OAuth2 error codes after which retrying cannot help.
+const PERMANENT_CODES: &[&str] = &[
+    "invalid_grant",
+    "invalid_client",
+    "unauthorized_client",
+    "unsupported_grant_type",
+    "invalid_scope",
+    "invalid_request",
+    "access_denied",
+    "interaction_required",
+    "consent_required",
+    "login_required",
+];
+
+/// Classifies a failure the standard way; providers refine the result.
+pub(crate) fn classify(f: Failure) -> ProviderError {
+    match f {
+        Failure::Network(e) | Failure::Invalid(e) => e,
+        Failure::Status {
+            status,
+            retry_after,
+            body,
+        } => {
+            let code = body.as_ref().and_then(|b| b.error.clone());
+            let transient_status = status == 408 || status == 425 || status == 429 || status >= 500;
+            let class = match code.as_deref() {
+                _ if transient_status => ErrorClass::Transient,
+                Some(c) if PERMANENT_CODES.contains(&c) => ErrorClass::Permanent,
+                Some("temporarily_unavailable") | Some("slow_down") => ErrorClass::Transient,
+                // Any other 4xx: a request this client keeps making will keep failing.
+                _ => ErrorClass::Permanent,
+            };
+            ProviderError {
+                class,
+                code: code
+                    .filter(|c| c.len() <= 64 && c.bytes().all(|b| b.is_ascii_graphic()))
+                    .unwrap_or_else(|| format!("http_{status}")),
+                provider_code: None,
+                hint: None,
+                retry_after,
+            }
+        }
+    }
+}
+
+/// The Basic or form-body client authentication setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+pub enum ClientAuthMethod {
+    /// `client_id` / `client_secret` in the form body.
+    #[default]
+    #[serde(rename = "post")]
+    Post,
+    /// HTTP Basic.
+    #[serde(rename = "basic")]
+    Basic,
+}
+
+/// Checks that a configured token URL is an absolute http(s) URL.
+pub(crate) fn check_url(url: &str, path: &str) -> Result<(), ConfigError> {
+    match reqwest::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
+        _ => Err(ConfigError::new(
+            path,
+            "must be an absolute http:// or https:// URL",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_response_parsing() {
+        let g =
+            parse_token_response(br#"{"access_token":"a","expires_in":3599,"refresh_token":"r"}"#)
+                .unwrap();
+        assert_eq!(g.access_token.expose(), "a");
+        assert_eq!(g.expires_in, Some(Duration::from_secs(3599)));
+        assert_eq!(g.refresh_token.unwrap().expose(), "r");
+        let g = parse_token_response(br#"{"access_token":"a","expires_in":"60"}"#).unwrap();
+        assert_eq!(g.expires_in, Some(Duration::from_secs(60)));
+        assert!(g.refresh_token.is_none());
+        for bad in [
+            &b""[..],
+            b"garbage",
+            b"[]",
+            br#"{"expires_in":1}"#,
+            br#"{"access_token":""}"#,
+        ] {
+            let e = parse_token_response(bad).unwrap_err();
+            assert_eq!(e.class, ErrorClass::Transient);
+            assert_eq!(e.code, "invalid_response");
+        }
+    }
+
+    #[test]
+    fn classification() {
+        let st = |status, error: Option<&str>| {
+            classify(Failure::Status {
+                status,
+                retry_after: None,
+                body: error.map(|e| OAuthErrorBody {
+                    error: Some(e.into()),
+                    ..Default::default()
+                }),
+            })
+        };
+        assert_eq!(st(400, Some("invalid_grant")).class, ErrorClass::Permanent);
+        assert_eq!(st(401, Some("invalid_client")).class, ErrorClass::Permanent);
+        assert_eq!(st(503, None).class, ErrorClass::Transient);
+        assert_eq!(st(503, None).code, "http_503");
+        assert_eq!(st(429, Some("invalid_grant")).class, ErrorClass::Transient);
+        assert_eq!(
+            st(400, Some("temporarily_unavailable")).class,
+            ErrorClass::Transient
+        );
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}

@@ -1,0 +1,97 @@
+//! Hot reload of the config file and the secret files it references.
+//!
+//! Kubernetes updates Secret and ConfigMap volumes by writing a new timestamped directory
+//! and swapping the `..data` symlink; no event ever names the file we read, and a watch
+//! on the file itself goes deaf after the first swap. So we watch the *directories*
+//! (both where a path is and where its symlinks lead), ignore which entry an event names,
+//! debounce a burst into one reload, and let the content digest decide whether anything
+//! changed. A periodic re-read backs the watcher up (inotify can overflow, and some
+//! network filesystems send no events).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::sync::{mpsc, watch as watch_channel};
+
+use crate::sidecar::Sidecar;
+
+/// Directories whose changes may change the config: each file's own directory and the
+/// directory its symlink chain ends in.
+pub fn watched_dirs(config_path: &Path, secret_files: &[PathBuf]) -> BTreeSet<PathBuf> {
+    let mut dirs = BTreeSet::new();
+    for file in std::iter::once(config_path).chain(secret_files.iter().map(PathBuf::as_path)) {
+        if let Some(parent) = file.parent() {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            dirs.insert(parent.to_path_buf());
+        }
+        if let Ok(real) = std::fs::canonicalize(file) {
+            if let Some(parent) = real.parent() {
+                dirs.insert(parent.to_path_buf());
+            }
+        }
+    }
+    dirs
+}
+
+fn make_watcher(dirs: &BTreeSet<PathBuf>, tx: mpsc::Sender<()>) -> Option<RecommendedWatcher> {
+    // notify calls back on its own thread; try_send never blocks it, and a full channel
+    // already means a reload is pending.
+    let mut watcher = match notify::recommended_watcher(
+        move |res: notify::Result<notify::Event>| {
+            if res.is_ok() {
+                let _ = tx.try_send(());
+            }
+        },
+    ) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the file watcher; relying on the periodic re-read");
+            return None;
+        }
+    };
+    for dir in dirs {
+        if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory; relying on the periodic re-read");
+        }
+    }
+    Some(watcher)
+}
+
+/// Watches until shutdown, reloading on change and every `reload_interval`.
+pub async fn watch(sidecar: Arc<Sidecar>, mut shutdown: watch_channel::Receiver<bool>) {
+    let options = sidecar.options().clone();
+    let (tx, mut rx) = mpsc::channel::<()>(16);
+    let mut dirs = watched_dirs(&options.config_path, &sidecar.config().secret_files);
+    let mut _watcher = make_watcher(&dirs, tx.clone());
+    let mut tick = tokio::time::interval(
+        options
+            .reload_interval
+            .max(std::time::Duration::from_millis(100)),
+    );
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate; the config was just loaded
+    loop {
+        tokio::select! {
+            Some(()) = rx.recv() => {
+                // Debounce: wait for a quiet period so a burst becomes one reload.
+                while let Ok(Some(())) = tokio::time::timeout(options.reload_debounce, rx.recv()).await {}
+            }
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if sidecar.reload().await.unwrap_or(false) {
+            let new_dirs = watched_dirs(&options.config_path, &sidecar.config().secret_files);
+            if new_dirs != dirs {
+                // Replacing the watcher drops the old one (and its inotify watches).
+                _watcher = make_watcher(&new_dirs, tx.clone());
+                dirs = new_dirs;
+            }
+        }
+    }
+}

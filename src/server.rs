@@ -1,0 +1,300 @@
+//! The HTTP server (hyper 1.x, HTTP/1.1, optional TLS) and its routes.
+//!
+//! The token route is the hot path: load the config snapshot, check Basic credentials,
+//! parse two query parameters, look up the cache, answer with shared `Bytes`.
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::cache::Source;
+use crate::config::AccountKind;
+use crate::error::{json_response, ServeError};
+use crate::metrics::Outcome;
+use crate::protocol::{self, parse_query};
+use crate::sidecar::Sidecar;
+
+/// Largest request head we read; beyond it the answer is 431.
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Time allowed for a TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builds a TLS acceptor from PEM files (ring provider, TLS 1.2 and 1.3).
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("cannot read certificate file {}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("bad certificate in {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("no certificate in {}", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("no usable private key in {}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("certificate and key do not fit: {e}"))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Accepts connections until shutdown, then lets open requests finish within the grace.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    sidecar: Arc<Sidecar>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let options = sidecar.options().clone();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(MAX_HEADER_BYTES.max(8192))
+        .max_header_size(MAX_HEADER_BYTES)
+        .keep_alive(true);
+    let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Usually EMFILE: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            // Over the connection cap: close at once rather than queue.
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let sidecar = sidecar.clone();
+        let service = service_fn(move |req| {
+            let sidecar = sidecar.clone();
+            async move { Ok::<_, Infallible>(route(&sidecar, req).await) }
+        });
+        let http = http.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tls {
+                None => {
+                    let _ = watcher
+                        .watch(http.serve_connection(TokioIo::new(stream), service))
+                        .await;
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(tls_stream)) => {
+                            let _ = watcher
+                                .watch(http.serve_connection(TokioIo::new(tls_stream), service))
+                                .await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(options.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open at the end of the shutdown grace period");
+    }
+}
+
+/// Routes one request.
+async fn route(sidecar: &Arc<Sidecar>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if path == sidecar.options().path {
+        return token(sidecar, &req).await;
+    }
+    match path {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            if sidecar.is_ready() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "warming up\n")
+            }
+        }
+        "/metrics" => {
+            let mut resp = Response::new(Full::new(Bytes::from(sidecar.render_metrics())));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            resp
+        }
+        p if p == "/v1/accounts" || p.starts_with("/v1/accounts/") => admin(sidecar, &req)
+            .await
+            .unwrap_or_else(ServeError::into_response),
+        _ => ServeError::NotFound.into_response(),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp
+}
+
+/// The EmailEngine token endpoint.
+async fn token(sidecar: &Arc<Sidecar>, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let started = Instant::now();
+    let mut proto = None;
+    let result = answer(sidecar, req, &mut proto).await;
+    let (resp, outcome) = match result {
+        Ok((body, outcome)) => (json_response(StatusCode::OK, body), outcome),
+        Err(e) => {
+            let outcome = e.outcome();
+            (e.into_response(), outcome)
+        }
+    };
+    sidecar.metrics().request(proto, outcome, started.elapsed());
+    resp
+}
+
+async fn answer(
+    sidecar: &Arc<Sidecar>,
+    req: &Request<Incoming>,
+    proto_out: &mut Option<protocol::Proto>,
+) -> Result<(Bytes, Outcome), ServeError> {
+    if req.method() != Method::GET {
+        return Err(ServeError::MethodNotAllowed("GET"));
+    }
+    let set = {
+        // The snapshot guard is dropped before any await.
+        let config = sidecar.config();
+        if let Some(auth) = &config.auth {
+            let header = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .map(HeaderValue::as_bytes);
+            if !auth.matches(header) {
+                return Err(ServeError::Unauthorized);
+            }
+        }
+        let query = parse_query(req.uri().query())?;
+        *proto_out = query.proto;
+        let account = config
+            .account(&query.account)
+            .ok_or(ServeError::UnknownAccount)?;
+        match &account.kind {
+            AccountKind::Fixed(body) => return Ok((body.clone(), Outcome::Fixed)),
+            AccountKind::OAuth(o) => o.set_for(query.proto).clone(),
+        }
+    };
+    let (body, source) = sidecar.cache().get(&set).await?;
+    let outcome = match source {
+        Source::Hit => Outcome::Hit,
+        Source::Joined => Outcome::Joined,
+        Source::Miss => Outcome::Miss,
+        Source::Stale => Outcome::Stale,
+    };
+    Ok((body, outcome))
+}
+
+/// `/v1/accounts[/{id}[/refresh]]`: status and forced refresh, behind admin credentials.
+async fn admin(
+    sidecar: &Arc<Sidecar>,
+    req: &Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ServeError> {
+    let config = sidecar.config().clone();
+    if let Some(auth) = &config.admin_auth {
+        let header = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        if !auth.matches(header) {
+            return Err(ServeError::Unauthorized);
+        }
+    }
+    let rest = req.uri().path().trim_start_matches("/v1/accounts");
+    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let decode = |s: &str| -> Result<String, ServeError> {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| ServeError::BadRequest(protocol::QueryError::InvalidEncoding("account")))
+    };
+    let status = sidecar.cache().status();
+    let account_json = |id: &str| -> Option<serde_json::Value> {
+        let account = config.account(id)?;
+        let kind = match &account.kind {
+            AccountKind::Fixed(_) => "fixed",
+            AccountKind::OAuth(_) => "oauth2",
+        };
+        let sets: Vec<_> = status.iter().filter(|s| s.account == id).collect();
+        Some(serde_json::json!({ "id": id, "type": kind, "credentialSets": sets }))
+    };
+    let json = |status: StatusCode, v: serde_json::Value| {
+        json_response(status, Bytes::from(v.to_string()))
+    };
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, []) => {
+            let mut ids: Vec<&str> = config.accounts.keys().map(|k| &**k).collect();
+            ids.sort_unstable();
+            let accounts: Vec<_> = ids.into_iter().filter_map(account_json).collect();
+            Ok(json(
+                StatusCode::OK,
+                serde_json::json!({ "config": sidecar.reload_status(), "ready": sidecar.is_ready(), "accounts": accounts }),
+            ))
+        }
+        (&Method::GET, [id]) => {
+            let id = decode(id)?;
+            account_json(&id)
+                .map(|v| json(StatusCode::OK, v))
+                .ok_or(ServeError::UnknownAccount)
+        }
+        (&Method::POST, [id, "refresh"]) => {
+            let id = decode(id)?;
+            let account = config.account(&id).ok_or(ServeError::UnknownAccount)?;
+            let AccountKind::OAuth(o) = &account.kind else {
+                return Ok(json(
+                    StatusCode::OK,
+                    serde_json::json!({ "id": id, "refreshed": 0, "note": "fixed accounts have nothing to refresh" }),
+                ));
+            };
+            let sets: Vec<_> = o.sets().into_iter().cloned().collect();
+            let mut refreshed = 0;
+            for set in &sets {
+                sidecar.cache().force_refresh(set).await?;
+                refreshed += 1;
+            }
+            Ok(json(
+                StatusCode::OK,
+                serde_json::json!({ "id": id, "refreshed": refreshed }),
+            ))
+        }
+        (_, [] | [_]) => Err(ServeError::MethodNotAllowed("GET")),
+        (_, [_, "refresh"]) => Err(ServeError::MethodNotAllowed("POST")),
+        _ => Err(ServeError::NotFound),
+    }
+}

@@ -1,0 +1,502 @@
+//! The running sidecar: owns the config `ArcSwap`, the cache, the metrics and the
+//! lifecycle (start, pre-warm, reload, graceful shutdown). The HTTP layer (`server`)
+//! and the file watcher (`reload`) drive it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::cache::schedule::Policy;
+use crate::cache::TokenCache;
+use crate::config::{self, AccountKind, Config, ConfigError, ConfigErrors, CredentialSet};
+use crate::metrics::{Metrics, Snapshot};
+use crate::state::TokenStore;
+use crate::upstream::{http_client, Upstream};
+
+/// Everything `serve` is configured with (the CLI fills it; tests build it directly).
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The account map file.
+    pub config_path: PathBuf,
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Where rotated refresh tokens are persisted; memory only without it.
+    pub state_dir: Option<PathBuf>,
+    /// The token endpoint's path.
+    pub path: String,
+    /// Permit a non-loopback listen address (requires `auth`).
+    pub allow_remote: bool,
+    /// TLS certificate chain and key (PEM), if TLS is wanted.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Cache timing rules.
+    pub policy: Policy,
+    /// Periodic re-read of the config, backing up the file watcher.
+    pub reload_interval: Duration,
+    /// Quiet time that ends a burst of file events.
+    pub reload_debounce: Duration,
+    /// Concurrent fetches during pre-warm (0 disables pre-warm).
+    pub prewarm_concurrency: usize,
+    /// Readiness waits at most this long for pre-warm.
+    pub prewarm_timeout: Duration,
+    /// Concurrent upstream calls per provider.
+    pub provider_concurrency: usize,
+    /// Timeout of one upstream call.
+    pub upstream_timeout: Duration,
+    /// Time given to in-flight requests and fetches on shutdown.
+    pub shutdown_grace: Duration,
+    /// Open connections at most; more are closed at once.
+    pub max_connections: usize,
+    /// A client must send its request headers within this time (also ends idle keep-alive).
+    pub header_read_timeout: Duration,
+}
+
+impl Options {
+    /// Defaults for everything but the config file.
+    pub fn new(config_path: impl Into<PathBuf>) -> Self {
+        Options {
+            config_path: config_path.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            state_dir: None,
+            path: "/authentication".into(),
+            allow_remote: false,
+            tls: None,
+            policy: Policy::default(),
+            reload_interval: Duration::from_secs(30),
+            reload_debounce: Duration::from_millis(200),
+            prewarm_concurrency: 8,
+            prewarm_timeout: Duration::from_secs(20),
+            provider_concurrency: 16,
+            upstream_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(5),
+            max_connections: 4096,
+            header_read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config is invalid.
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    /// The listen address is not allowed.
+    #[error("{0}")]
+    Listen(String),
+    /// The state directory is unusable.
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    /// Binding failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TLS material is unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The HTTP client could not be built.
+    #[error("HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// The outcome of the last config load, for the admin API.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReloadStatus {
+    /// When the config in use was loaded (RFC 3339).
+    pub last_success_at: Option<String>,
+    /// The errors of the last failed load, if it failed after the last success.
+    pub last_error: Option<Vec<String>>,
+    /// When that failure happened.
+    pub last_error_at: Option<String>,
+}
+
+/// State shared by the server, the reloader and background tasks.
+pub struct Sidecar {
+    config: ArcSwap<Config>,
+    cache: Arc<TokenCache>,
+    metrics: Arc<Metrics>,
+    ready: AtomicBool,
+    reload_status: Mutex<ReloadStatus>,
+    options: Options,
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// Refuses a listen address that could expose tokens beyond the pod.
+pub fn check_listen(options: &Options, config: &Config) -> Result<(), String> {
+    if options.listen.ip().is_loopback() {
+        return Ok(());
+    }
+    if !options.allow_remote {
+        return Err(format!(
+            "refusing to listen on non-loopback address {}: tokens would be reachable from outside the pod; pass --allow-remote (and configure `auth`) if that is really wanted",
+            options.listen
+        ));
+    }
+    if config.auth.is_none() {
+        return Err(format!(
+            "refusing to listen on non-loopback address {} without `auth` in the config: --allow-remote requires Basic credentials",
+            options.listen
+        ));
+    }
+    Ok(())
+}
+
+impl Sidecar {
+    /// Builds the shared state from a validated config.
+    fn new(config: Config, options: Options) -> Result<(Arc<Self>, Arc<TokenStore>), StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let store = match &options.state_dir {
+            Some(dir) => {
+                let (store, warnings) = TokenStore::open(dir)?;
+                for w in warnings {
+                    tracing::warn!(record = %w, "unreadable refresh-token record");
+                }
+                tracing::info!(dir = %dir.display(), restored = store.len(), "rotated refresh tokens are persisted");
+                store
+            }
+            None => {
+                tracing::warn!("no --state-dir: rotated refresh tokens are kept in memory only and are LOST on restart; accounts whose provider rotates refresh tokens (Microsoft) will fail once the config's token expires");
+                TokenStore::in_memory()
+            }
+        };
+        let store = Arc::new(store);
+        let http = http_client(options.upstream_timeout)?;
+        let upstream = Arc::new(Upstream::new(
+            http,
+            store.clone(),
+            options.provider_concurrency,
+            metrics.clone(),
+        ));
+        let cache = TokenCache::new(upstream, options.policy.clone(), metrics.clone());
+        metrics.reload(true);
+        let sidecar = Arc::new(Sidecar {
+            config: ArcSwap::from_pointee(config),
+            cache,
+            metrics,
+            ready: AtomicBool::new(false),
+            reload_status: Mutex::new(ReloadStatus {
+                last_success_at: Some(now_rfc3339()),
+                ..Default::default()
+            }),
+            options,
+        });
+        Ok((sidecar, store))
+    }
+
+    /// The config in use.
+    pub fn config(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.config.load()
+    }
+
+    /// The token cache.
+    pub fn cache(&self) -> &Arc<TokenCache> {
+        &self.cache
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The options.
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    /// Whether pre-warm has finished (or timed out).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// The last config load outcome.
+    pub fn reload_status(&self) -> ReloadStatus {
+        self.reload_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Renders `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        let status = self.cache.status();
+        let mut counts: HashMap<&'static str, u64> = HashMap::new();
+        for s in &status {
+            *counts.entry(s.state).or_default() += 1;
+        }
+        let min_remaining = status
+            .iter()
+            .filter_map(|s| s.token_remaining_seconds)
+            .min()
+            .map(Duration::from_secs);
+        self.metrics.render(&Snapshot {
+            accounts_by_state: counts.into_iter().collect(),
+            min_remaining,
+        })
+    }
+
+    /// Re-reads the config file and, if it changed and is valid, swaps it in and applies
+    /// the differences to the cache. An invalid config changes nothing.
+    pub async fn reload(self: &Arc<Self>) -> Result<bool, ConfigErrors> {
+        let path = self.options.config_path.clone();
+        let loaded = tokio::task::spawn_blocking(move || config::load(&path))
+            .await
+            .unwrap_or_else(|e| {
+                Err(ConfigErrors {
+                    file: self.options.config_path.clone(),
+                    errors: vec![ConfigError::new("(file)", format!("loader failed: {e}"))],
+                })
+            });
+        let new = loaded.and_then(|c| {
+            if c.fingerprint == self.config.load().fingerprint {
+                return Ok(None);
+            }
+            check_listen(&self.options, &c).map_err(|m| ConfigErrors {
+                file: self.options.config_path.clone(),
+                errors: vec![ConfigError::new("auth", m)],
+            })?;
+            Ok(Some(c))
+        });
+        match new {
+            Ok(None) => Ok(false),
+            Ok(Some(new)) => {
+                let new = Arc::new(new);
+                let old = self.config.swap(new.clone());
+                self.metrics.reload(true);
+                {
+                    let mut st = self.reload_status.lock().unwrap_or_else(|p| p.into_inner());
+                    st.last_success_at = Some(now_rfc3339());
+                    st.last_error = None;
+                    st.last_error_at = None;
+                }
+                self.apply_diff(&old, &new).await;
+                Ok(true)
+            }
+            Err(errors) => {
+                self.metrics.reload(false);
+                tracing::error!(file = %errors.file.display(), "{errors}; keeping the previous config");
+                let mut st = self.reload_status.lock().unwrap_or_else(|p| p.into_inner());
+                st.last_error = Some(errors.errors.iter().map(ToString::to_string).collect());
+                st.last_error_at = Some(now_rfc3339());
+                Err(errors)
+            }
+        }
+    }
+
+    /// Brings the cache in line with a new config: removed keys go at once, changed ones
+    /// are refetched, new accounts are warmed in the background; unchanged keys keep
+    /// their tokens and cause no upstream call.
+    async fn apply_diff(self: &Arc<Self>, old: &Config, new: &Config) {
+        let old_sets: HashMap<_, _> = old
+            .credential_sets()
+            .map(|s| (s.key.clone(), s.fingerprint))
+            .collect();
+        let new_sets: HashMap<_, _> = new
+            .credential_sets()
+            .map(|s| (s.key.clone(), s.clone()))
+            .collect();
+        let (mut removed, mut changed) = (0usize, 0usize);
+        for key in old_sets.keys().filter(|k| !new_sets.contains_key(*k)) {
+            self.cache.remove(key).await;
+            removed += 1;
+        }
+        for (key, set) in &new_sets {
+            if old_sets.get(key).is_some_and(|fp| *fp != set.fingerprint) {
+                self.cache.replace(set).await;
+                changed += 1;
+            }
+        }
+        // Keys may have been activated under a set that this config dropped (e.g. via a
+        // request that raced the swap): drop those too.
+        for key in self.cache.keys() {
+            if !new_sets.contains_key(&key) {
+                self.cache.remove(&key).await;
+            }
+        }
+        let added: Vec<Arc<CredentialSet>> = new
+            .accounts
+            .values()
+            .filter(|a| {
+                old.accounts
+                    .get(&a.id)
+                    .is_none_or(|o| o.fingerprint != a.fingerprint)
+            })
+            .flat_map(|a| match &a.kind {
+                AccountKind::OAuth(o) => o.warm_sets().into_iter().cloned().collect(),
+                AccountKind::Fixed(_) => Vec::new(),
+            })
+            .collect();
+        tracing::info!(
+            accounts = new.accounts.len(),
+            removed_sets = removed,
+            changed_sets = changed,
+            warming_sets = added.len(),
+            "config reloaded"
+        );
+        if !added.is_empty() {
+            let this = self.clone();
+            tokio::spawn(async move { this.warm_all(added).await });
+        }
+    }
+
+    /// Fetches tokens for `sets` with bounded concurrency; returns when all are done.
+    async fn warm_all(self: &Arc<Self>, sets: Vec<Arc<CredentialSet>>) {
+        let n = self.options.prewarm_concurrency.max(1);
+        futures_util::stream::iter(sets)
+            .map(|set| {
+                let cache = self.cache.clone();
+                async move {
+                    if let Some(flight) = cache.warm(&set) {
+                        let _ = flight.await;
+                    }
+                }
+            })
+            .buffer_unordered(n)
+            .for_each(|_| async {})
+            .await;
+    }
+}
+
+/// A started sidecar: its address, and the handle to stop it.
+pub struct Running {
+    /// The bound address (useful with port 0).
+    pub local_addr: SocketAddr,
+    /// The shared state (tests and the admin API use it).
+    pub sidecar: Arc<Sidecar>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests and token fetches finish within the
+    /// grace period (so a rotation being written completes), then returns.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let grace = self.sidecar.options.shutdown_grace;
+        let deadline = tokio::time::Instant::now() + grace;
+        for t in self.tasks {
+            let _ = tokio::time::timeout_at(deadline, t).await;
+        }
+        let pending = self.sidecar.cache.in_flight();
+        if tokio::time::timeout_at(deadline, futures_util::future::join_all(pending))
+            .await
+            .is_err()
+        {
+            tracing::warn!("token fetches still running at the end of the shutdown grace period");
+        }
+    }
+}
+
+/// Loads the config, binds, and starts serving, pre-warming and watching the config.
+pub async fn start(options: Options) -> Result<Running, StartError> {
+    let config = config::load(&options.config_path)?;
+    check_listen(&options, &config).map_err(StartError::Listen)?;
+    let tls = match &options.tls {
+        Some((cert, key)) => Some(crate::server::tls_acceptor(cert, key).map_err(StartError::Tls)?),
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(options.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: options.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: options.listen,
+        source,
+    })?;
+    let (sidecar, _store) = Sidecar::new(config, options)?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tracing::info!(
+        addr = %local_addr,
+        path = %sidecar.options.path,
+        tls = tls.is_some(),
+        accounts = sidecar.config().accounts.len(),
+        "listening"
+    );
+
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(crate::server::serve(
+        listener,
+        tls,
+        sidecar.clone(),
+        shutdown_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(crate::reload::watch(
+        sidecar.clone(),
+        shutdown_rx.clone(),
+    )));
+
+    // Histogram buffers are drained on a timer, as the exporter expects.
+    let upkeep = {
+        let sidecar = sidecar.clone();
+        let mut rx = shutdown_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => sidecar.metrics.upkeep(),
+                    _ = rx.changed() => break,
+                }
+            }
+        })
+    };
+    tasks.push(upkeep);
+
+    // Pre-warm: readiness waits for it (bounded), so traffic starts on a warm cache.
+    {
+        let sidecar = sidecar.clone();
+        tokio::spawn(async move {
+            let sets: Vec<Arc<CredentialSet>> = sidecar
+                .config()
+                .accounts
+                .values()
+                .flat_map(|a| match &a.kind {
+                    AccountKind::OAuth(o) => o.warm_sets().into_iter().cloned().collect(),
+                    AccountKind::Fixed(_) => Vec::new(),
+                })
+                .collect();
+            if sidecar.options.prewarm_concurrency > 0 && !sets.is_empty() {
+                let started = std::time::Instant::now();
+                let count = sets.len();
+                if tokio::time::timeout(sidecar.options.prewarm_timeout, sidecar.warm_all(sets))
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        sets = count,
+                        "pre-warm did not finish within --prewarm-timeout; ready anyway"
+                    );
+                } else {
+                    tracing::info!(
+                        sets = count,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "pre-warm finished"
+                    );
+                }
+            }
+            sidecar.ready.store(true, Ordering::Release);
+        });
+    }
+
+    Ok(Running {
+        local_addr,
+        sidecar,
+        shutdown: shutdown_tx,
+        tasks,
+    })
+}

@@ -1,0 +1,111 @@
+//! One upstream token fetch, with the rules that span providers: refresh tokens are
+//! spent one at a time per account, the newest one is persisted before anything from
+//! the answer is used, and each provider gets at most N concurrent calls.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::config::CredentialSet;
+use crate::metrics::Metrics;
+use crate::provider::{Grant, ProviderError, TokenGrant, TokenRequest};
+use crate::state::TokenStore;
+
+/// The HTTP client and the shared limits for token fetches.
+pub struct Upstream {
+    http: reqwest::Client,
+    store: Arc<TokenStore>,
+    provider_cap: usize,
+    caps: Mutex<HashMap<Arc<str>, Arc<Semaphore>>>,
+    account_locks: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
+    metrics: Arc<Metrics>,
+}
+
+/// Builds the HTTP client for identity providers: rustls with the ring provider and
+/// the webpki roots, certificate verification always on, bounded timeouts.
+pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .user_agent(concat!("ee-auth-sidecar/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+impl Upstream {
+    /// Fetches through `http`, persisting rotations in `store`, at most `provider_cap`
+    /// concurrent calls per provider.
+    pub fn new(
+        http: reqwest::Client,
+        store: Arc<TokenStore>,
+        provider_cap: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Upstream {
+            http,
+            store,
+            provider_cap: provider_cap.max(1),
+            caps: Mutex::new(HashMap::new()),
+            account_locks: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    fn cap(&self, provider: &Arc<str>) -> Arc<Semaphore> {
+        let mut caps = self.caps.lock().unwrap_or_else(|p| p.into_inner());
+        caps.entry(provider.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.provider_cap)))
+            .clone()
+    }
+
+    fn account_lock(&self, account: &Arc<str>) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.account_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(account.clone()).or_default().clone()
+    }
+
+    /// Fetches one token for `set`.
+    ///
+    /// For the refresh_token grant the account's lock is held across the upstream call on
+    /// purpose: two credential sets of one account must not spend the same refresh token
+    /// concurrently (a rotating provider would revoke one of them). This is off the
+    /// request hot path; cached tokens are served without it.
+    pub async fn fetch(&self, set: &CredentialSet) -> Result<TokenGrant, ProviderError> {
+        let account = &set.key.account;
+        let _account_guard = match set.grant {
+            Grant::RefreshToken => Some(self.account_lock(account).lock_owned().await),
+            _ => None,
+        };
+        let spend = set
+            .refresh_token
+            .as_ref()
+            .map(|config_token| self.store.current(account, config_token));
+        let permit = self
+            .cap(&set.provider_name)
+            .acquire_owned()
+            .await
+            .map_err(|_| ProviderError::transient("shutting_down"))?;
+        let req = TokenRequest {
+            grant: set.grant,
+            scopes: &set.scopes,
+            scopes_explicit: set.scopes_explicit,
+            refresh_token: spend.as_ref().map(|(t, _)| t),
+            subject: &set.user,
+        };
+        let result = set.provider.fetch(&self.http, &req).await;
+        drop(permit);
+        let grant = result?;
+        if let (Some(new), Some((old, origin))) = (&grant.refresh_token, &spend) {
+            if new != old {
+                if let Err(e) = self.store.rotate(account, *origin, new.clone()).await {
+                    self.metrics.persist_failure();
+                    tracing::error!(account = %account, error = %e,
+                        "could not persist a rotated refresh token; it is kept in memory and will be lost on restart");
+                }
+            }
+        }
+        Ok(grant)
+    }
+}

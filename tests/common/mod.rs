@@ -1,0 +1,422 @@
+//! Shared test harness: a real in-test identity provider (a small hyper server that
+//! counts calls and can fail, stall, rotate or reject on command) and helpers that
+//! start the real sidecar on an ephemeral loopback port.
+
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+pub use ee_auth_sidecar::{start, Options, Running};
+
+/// What the mock does with the next token requests.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Fault {
+    /// Answer normally.
+    None,
+    /// Answer with this status, JSON body and optional Retry-After.
+    Status {
+        status: u16,
+        body: String,
+        retry_after: Option<u64>,
+    },
+    /// Never answer.
+    Stall,
+    /// Close the connection without answering.
+    Reset,
+    /// 200 with an empty body.
+    Empty,
+    /// 200 with a body that is not JSON.
+    Garbage,
+    /// 200 with JSON but no access_token.
+    NoAccessToken,
+}
+
+impl Fault {
+    /// A 400 invalid_grant answer (optionally with Microsoft's error_codes).
+    pub fn invalid_grant(aadsts: Option<u64>) -> Fault {
+        let body = match aadsts {
+            Some(c) => format!(r#"{{"error":"invalid_grant","error_description":"AADSTS{c}: The refresh token has expired. Trace ID: x","error_codes":[{c}]}}"#),
+            None => r#"{"error":"invalid_grant","error_description":"Token has been expired or revoked."}"#.to_owned(),
+        };
+        Fault::Status {
+            status: 400,
+            body,
+            retry_after: None,
+        }
+    }
+
+    /// A bare status with an empty JSON object.
+    pub fn status(status: u16, retry_after: Option<u64>) -> Fault {
+        Fault::Status {
+            status,
+            body: "{}".into(),
+            retry_after,
+        }
+    }
+}
+
+/// One request the mock received.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub path: String,
+    pub form: HashMap<String, String>,
+    pub authorization: Option<String>,
+    pub at: Instant,
+}
+
+/// The mock's state; tests read and change it through [`MockIdp`].
+#[derive(Debug)]
+pub struct IdpState {
+    /// expires_in of issued tokens (seconds, may be fractional); None omits it.
+    pub lifetime: Option<f64>,
+    pub fault: Fault,
+    /// Extra delay before answering.
+    pub delay: Duration,
+    /// Issue a new refresh token on every refresh_token grant.
+    pub rotate: bool,
+    /// When Some, only these refresh tokens are accepted (others: invalid_grant).
+    pub valid_refresh_tokens: Option<HashSet<String>>,
+    /// Refresh tokens already spent (rotated away).
+    pub spent: HashSet<String>,
+    /// Reuse of the token superseded last is forgiven this long (strict rotation grace).
+    pub reuse_grace: Option<Duration>,
+    /// The newest superseded token, when, and what replaced it.
+    pub last_superseded: HashMap<String, (Instant, String)>,
+    pub calls: u64,
+    pub calls_by_grant: HashMap<String, u64>,
+    pub requests: Vec<Recorded>,
+    /// Access token -> expiry.
+    pub issued: HashMap<String, Instant>,
+    pub inflight: u64,
+    pub peak_inflight: u64,
+    pub reuse_detected: u64,
+    counter: u64,
+}
+
+/// A running mock identity provider.
+#[derive(Clone)]
+pub struct MockIdp {
+    pub addr: SocketAddr,
+    pub state: Arc<Mutex<IdpState>>,
+}
+
+impl MockIdp {
+    /// Starts on 127.0.0.1:0, issuing 3600 s tokens.
+    pub async fn start() -> MockIdp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(IdpState {
+            lifetime: Some(3600.0),
+            fault: Fault::None,
+            delay: Duration::ZERO,
+            rotate: false,
+            valid_refresh_tokens: None,
+            spent: HashSet::new(),
+            reuse_grace: None,
+            last_superseded: HashMap::new(),
+            calls: 0,
+            calls_by_grant: HashMap::new(),
+            requests: Vec::new(),
+            issued: HashMap::new(),
+            inflight: 0,
+            peak_inflight: 0,
+            reuse_detected: 0,
+            counter: 0,
+        }));
+        let st = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let st = st.clone();
+                if st.lock().unwrap().fault == Fault::Reset {
+                    st.lock().unwrap().calls += 1;
+                    let _ = stream.set_zero_linger();
+                    drop(stream);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let st = st.clone();
+                        async move { Ok::<_, Infallible>(handle(st, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        MockIdp { addr, state }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn with<R>(&self, f: impl FnOnce(&mut IdpState) -> R) -> R {
+        f(&mut self.state.lock().unwrap())
+    }
+
+    pub fn calls(&self) -> u64 {
+        self.with(|s| s.calls)
+    }
+
+    pub fn set_fault(&self, fault: Fault) {
+        self.with(|s| s.fault = fault);
+    }
+
+    pub fn set_lifetime(&self, secs: Option<f64>) {
+        self.with(|s| s.lifetime = secs);
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.with(|s| s.requests.clone())
+    }
+
+    /// Checks that an access token served to EmailEngine was issued here and is not
+    /// expired right now.
+    pub fn check_valid(&self, token: &str) -> Result<Duration, String> {
+        self.with(|s| match s.issued.get(token) {
+            None => Err(format!("token {token} was never issued")),
+            Some(exp) => exp
+                .checked_duration_since(Instant::now())
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| format!("token {token} served after its expiry")),
+        })
+    }
+}
+
+fn json(status: u16, body: String, retry_after: Option<u64>) -> Response<Full<Bytes>> {
+    let mut b = Response::builder()
+        .status(status)
+        .header("content-type", "application/json");
+    if let Some(ra) = retry_after {
+        b = b.header("retry-after", ra.to_string());
+    }
+    b.body(Full::new(Bytes::from(body))).unwrap()
+}
+
+async fn handle(
+    st: Arc<Mutex<IdpState>>,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    let authorization = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let form: HashMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
+    let (fault, delay) = {
+        let mut s = st.lock().unwrap();
+        s.calls += 1;
+        let grant = form.get("grant_type").cloned().unwrap_or_default();
+        *s.calls_by_grant.entry(grant).or_default() += 1;
+        s.requests.push(Recorded {
+            path,
+            form: form.clone(),
+            authorization,
+            at: Instant::now(),
+        });
+        s.inflight += 1;
+        s.peak_inflight = s.peak_inflight.max(s.inflight);
+        (s.fault.clone(), s.delay)
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let resp = answer(&st, &form, fault).await;
+    st.lock().unwrap().inflight -= 1;
+    resp
+}
+
+async fn answer(
+    st: &Arc<Mutex<IdpState>>,
+    form: &HashMap<String, String>,
+    fault: Fault,
+) -> Response<Full<Bytes>> {
+    match fault {
+        Fault::Stall => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            return json(500, "{}".into(), None);
+        }
+        Fault::Status {
+            status,
+            body,
+            retry_after,
+        } => return json(status, body, retry_after),
+        Fault::Empty => return json(200, String::new(), None),
+        Fault::Garbage => return json(200, "<html>oops</html>".into(), None),
+        Fault::NoAccessToken => {
+            return json(
+                200,
+                r#"{"token_type":"Bearer","expires_in":3600}"#.into(),
+                None,
+            )
+        }
+        Fault::Reset | Fault::None => {}
+    }
+    let mut s = st.lock().unwrap();
+    let grant = form.get("grant_type").map(String::as_str).unwrap_or("");
+    let mut new_rt = None;
+    if grant == "refresh_token" {
+        let Some(rt) = form.get("refresh_token").cloned() else {
+            return json(400, r#"{"error":"invalid_request"}"#.into(), None);
+        };
+        let now = Instant::now();
+        let forgiven = s
+            .last_superseded
+            .get(&rt)
+            .filter(|(at, _)| s.reuse_grace.is_some_and(|g| now.duration_since(*at) <= g))
+            .is_some();
+        let known = s
+            .valid_refresh_tokens
+            .as_ref()
+            .is_none_or(|v| v.contains(&rt));
+        if s.spent.contains(&rt) && !forgiven {
+            s.reuse_detected += 1;
+            return json(
+                400,
+                r#"{"error":"invalid_grant","error_description":"refresh token reused"}"#.into(),
+                None,
+            );
+        }
+        if !known && !forgiven {
+            return json(
+                400,
+                r#"{"error":"invalid_grant","error_description":"unknown refresh token"}"#.into(),
+                None,
+            );
+        }
+        if s.rotate {
+            s.counter += 1;
+            let next = format!("rt-{}-{}", s.counter, fastrand::u64(..));
+            s.spent.insert(rt.clone());
+            if let Some(v) = s.valid_refresh_tokens.as_mut() {
+                // The superseded token stops being valid; only the grace can forgive it.
+                v.remove(&rt);
+                v.insert(next.clone());
+            }
+            // Only the token superseded last is forgiven.
+            s.last_superseded.clear();
+            s.last_superseded.insert(rt, (now, next.clone()));
+            new_rt = Some(next);
+        }
+    }
+    s.counter += 1;
+    let token = format!("at-{}-{}", s.counter, fastrand::u64(..));
+    let mut v = serde_json::json!({ "access_token": token, "token_type": "Bearer" });
+    let lifetime = s.lifetime;
+    if let Some(l) = lifetime {
+        v["expires_in"] = if l.fract() == 0.0 {
+            serde_json::json!(l as u64)
+        } else {
+            serde_json::json!(l)
+        };
+    }
+    if let Some(rt) = new_rt {
+        v["refresh_token"] = serde_json::json!(rt);
+    }
+    // Expiry as the provider sees it: from when it answers.
+    let exp = Instant::now() + Duration::from_secs_f64(lifetime.unwrap_or(3600.0));
+    s.issued.insert(token, exp);
+    json(200, v.to_string(), None)
+}
+
+/// Writes a config file into `dir`.
+pub fn write_config(dir: &Path, value: &serde_json::Value) -> PathBuf {
+    let path = dir.join("accounts.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(value).unwrap()).unwrap();
+    path
+}
+
+/// Options for a test sidecar on an ephemeral port; tests tweak the rest.
+pub fn test_options(config: &Path) -> Options {
+    let mut o = Options::new(config);
+    o.listen = "127.0.0.1:0".parse().unwrap();
+    o.reload_interval = Duration::from_secs(3600);
+    o.prewarm_concurrency = 0;
+    o.shutdown_grace = Duration::from_secs(2);
+    o
+}
+
+/// A token answer from the sidecar.
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: serde_json::Value,
+}
+
+impl Answer {
+    pub fn token(&self) -> &str {
+        self.body["accessToken"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no accessToken in {} {}", self.status, self.body))
+    }
+}
+
+/// A keep-alive client for the sidecar.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// `GET /authentication?account=..&proto=..` with optional Basic credentials.
+pub async fn ask(
+    client: &reqwest::Client,
+    addr: SocketAddr,
+    query: &str,
+    basic: Option<(&str, &str)>,
+) -> Answer {
+    let mut req = client.get(format!("http://{addr}/authentication?{query}"));
+    if let Some((u, p)) = basic {
+        req = req.basic_auth(u, Some(p));
+    }
+    let resp = req.send().await.expect("sidecar answered");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = resp.bytes().await.unwrap();
+    let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// A generic oauth2 provider entry pointing at the mock.
+pub fn oauth2_provider(idp: &MockIdp) -> serde_json::Value {
+    serde_json::json!({ "type": "oauth2", "tokenUrl": idp.url("/token"), "clientId": "client-1", "clientSecret": "client-secret-value" })
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cond()
+}
