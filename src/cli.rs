@@ -341,8 +341,11 @@ pub async fn token(args: &TokenArgs) -> i32 {
 
 /// `probe`: 0 if the URL answers 2xx within the timeout, else 1.
 pub async fn probe(url: &str, timeout: Duration) -> i32 {
+    // No proxy: a probe targets the pod's own loopback, even when HTTPS_PROXY is set for
+    // the identity providers.
     let client = match reqwest::Client::builder()
         .use_rustls_tls()
+        .no_proxy()
         .timeout(timeout)
         .build()
     {
