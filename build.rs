@@ -4,7 +4,10 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-env-changed=EE_AUTH_GIT_REV");
     // Container builds have no .git: the revision comes in as a build argument.
-    if let Some(rev) = std::env::var("EE_AUTH_GIT_REV").ok().filter(|r| !r.is_empty()) {
+    if let Some(rev) = std::env::var("EE_AUTH_GIT_REV")
+        .ok()
+        .filter(|r| !r.is_empty())
+    {
         println!("cargo:rustc-env=EE_AUTH_GIT_REV={rev}");
         return;
     }

@@ -227,12 +227,18 @@ pub fn check(config_path: &std::path::Path) -> i32 {
                 match &a.kind {
                     AccountKind::Fixed(_) => fixed += 1,
                     AccountKind::OAuth(o) => {
-                        *per_provider
-                            .entry((
-                                o.default.provider_name.to_string(),
-                                o.default.grant.as_str(),
-                            ))
-                            .or_default() += 1
+                        // An account counts once under each provider and grant it uses
+                        // (per-protocol overrides may add a second one).
+                        let mut used: Vec<(String, &'static str)> = o
+                            .sets()
+                            .iter()
+                            .map(|s| (s.provider_name.to_string(), s.grant.as_str()))
+                            .collect();
+                        used.sort_unstable();
+                        used.dedup();
+                        for pair in used {
+                            *per_provider.entry(pair).or_default() += 1;
+                        }
                     }
                 }
             }
@@ -268,7 +274,13 @@ pub fn mask_answer(body: &[u8]) -> String {
     for field in ["accessToken", "pass"] {
         if let Some(serde_json::Value::String(s)) = v.get_mut(field) {
             let n = s.chars().count();
-            let head: String = s.chars().take(if n > 16 { 4 } else { 0 }).collect();
+            // A few leading characters help tell tokens apart; none of a password is shown.
+            let shown = if field == "accessToken" && n > 16 {
+                4
+            } else {
+                0
+            };
+            let head: String = s.chars().take(shown).collect();
             *s = format!("{head}…[{n} chars, masked; --show-token prints it]");
         }
     }

@@ -121,7 +121,7 @@ impl Resolver {
             SecretSource::File(file) => {
                 let full = self.base_dir.join(file);
                 self.files.push(full.clone());
-                let mut text = std::fs::read_to_string(&full).map_err(|e| {
+                let mut text = read_secret_file(&full).map_err(|e| {
                     ConfigError::new(
                         path,
                         format!("cannot read secret file {}: {e}", full.display()),
@@ -151,6 +151,23 @@ impl Resolver {
     }
 }
 
+/// The largest secret file read (a service-account key is ~2.5 KB). A secret pointed at
+/// a device or a huge file by mistake must not hang or exhaust the loader.
+const MAX_SECRET_FILE_BYTES: u64 = 1024 * 1024;
+
+fn read_secret_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_SECRET_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_SECRET_FILE_BYTES {
+        return Err(std::io::Error::other("larger than 1 MiB"));
+    }
+    String::from_utf8(bytes)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"))
+}
+
 /// Deserializes `value` into `T`, reporting the failing field as a path under `path`.
 pub fn from_value<T: DeserializeOwned>(value: &Value, path: &str) -> Result<T, ConfigError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
@@ -160,8 +177,38 @@ pub fn from_value<T: DeserializeOwned>(value: &Value, path: &str) -> Result<T, C
         } else {
             format!("{path}.{inner}")
         };
-        ConfigError::new(full, e.into_inner().to_string())
+        ConfigError::new(full, redact_strings(&e.into_inner().to_string()))
     })
+}
+
+/// Removes the quoted string values serde puts into its messages (`invalid type: string
+/// "emailengine:hunter2", expected …`): a secret written in the wrong shape must not end
+/// up in a log line, the admin API or `check` output.
+fn redact_strings(message: &str) -> String {
+    const MARK: &str = "string \"";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(i) = rest.find(MARK) {
+        out.push_str(&rest[..i]);
+        out.push_str("a string");
+        // serde quotes the value Debug-style: skip to the closing, unescaped quote.
+        let mut escaped = false;
+        let mut end = rest.len();
+        for (j, c) in rest[i + MARK.len()..].char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => {
+                    end = i + MARK.len() + j + 1;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Identifies one cached token: an account and one of its credential sets.
@@ -302,10 +349,12 @@ impl Config {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTop {
+    // Kept as raw values and checked by `build_auth`, so a malformed `auth` is one error
+    // among the others instead of hiding every account's errors.
     #[serde(default)]
-    auth: Option<RawAuth>,
+    auth: Option<Value>,
     #[serde(default, rename = "adminAuth")]
-    admin_auth: Option<RawAuth>,
+    admin_auth: Option<Value>,
     #[serde(default)]
     providers: BTreeMap<String, Value>,
     #[serde(default)]
@@ -380,6 +429,34 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     })
 }
 
+/// The secret files a config file names (`{"file": ...}` anywhere in it, resolved as
+/// [`load`] resolves them), even when the config is invalid: the reloader watches their
+/// directories, so creating the missing secret file of a broken config reloads at once.
+pub fn referenced_files(path: &Path) -> Vec<PathBuf> {
+    let Some(value) = std::fs::read(path)
+        .ok()
+        .and_then(|text| serde_json::from_slice::<Value>(&text).ok())
+    else {
+        return Vec::new();
+    };
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut files = Vec::new();
+    let mut stack = vec![&value];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Object(map) => match map.get("file") {
+                Some(Value::String(file)) if map.len() == 1 => files.push(base.join(file)),
+                _ => stack.extend(map.values()),
+            },
+            Value::Array(items) => stack.extend(items),
+            _ => {}
+        }
+    }
+    files.sort();
+    files.dedup();
+    files
+}
+
 /// Parses and validates config text; relative secret file paths resolve against `base_dir`.
 pub fn parse(text: &[u8], base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
     let value: Value = serde_json::from_slice(text).map_err(|e| {
@@ -393,6 +470,14 @@ pub fn parse(text: &[u8], base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
             ),
         )]
     })?;
+    // serde reads a JSON array as the struct's fields in order (`[]` would be an empty
+    // config): only an object is a config.
+    if !value.is_object() {
+        return Err(vec![ConfigError::new(
+            "(top level)",
+            "must be a JSON object",
+        )]);
+    }
     let raw: RawTop = from_value(&value, "(top level)").map_err(|e| vec![e])?;
     let mut resolver = Resolver::new(base_dir.to_owned(), text);
     let mut errors = Vec::new();
@@ -480,12 +565,38 @@ fn json_error_kind(e: &serde_json::Error) -> String {
 }
 
 fn build_auth(
-    raw: Option<&RawAuth>,
+    raw: Option<&Value>,
     path: &str,
     resolver: &mut Resolver,
     errors: &mut Vec<ConfigError>,
 ) -> Option<BasicCredentials> {
     let raw = raw?;
+    if let Value::Array(items) = raw {
+        // A list: every pair is accepted (rotating the credentials EmailEngine sends).
+        if items.is_empty() {
+            errors.push(ConfigError::new(
+                path,
+                "an empty list accepts nobody; remove it or add a pair",
+            ));
+            return None;
+        }
+        let before = errors.len();
+        let pairs: Vec<BasicCredentials> = items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| {
+                build_auth(Some(item), &format!("{path}[{i}]"), resolver, errors)
+            })
+            .collect();
+        return (errors.len() == before).then(|| BasicCredentials::any_of(pairs));
+    }
+    let raw: RawAuth = match from_value(raw, path) {
+        Ok(r) => r,
+        Err(e) => {
+            errors.push(e);
+            return None;
+        }
+    };
     if raw.username.contains(':') || raw.username.is_empty() {
         errors.push(ConfigError::new(
             format!("{path}.username"),
@@ -589,8 +700,9 @@ fn build_account(
             .secret(&raw.pass, &format!("{path}.pass"))
             .map_err(|e| vec![e])?;
         digest.update(&pass.digest());
-        let body = fixed(protocol::password_answer(&raw.user, &pass), "pass")
-            .and_then(|b| check_user(&raw.user, path).map(|_| b))?;
+        // The user first, so a bad `user` is reported at `user`, not at `pass`.
+        check_user(&raw.user, path)?;
+        let body = fixed(protocol::password_answer(&raw.user, &pass), "pass")?;
         return Ok(Account {
             id,
             kind: AccountKind::Fixed(body),
@@ -761,6 +873,15 @@ fn build_account(
     if !errors.is_empty() {
         return Err(errors);
     }
+    // Protocols that resolve to the default set share its allocation: with 100k accounts
+    // the config's own memory matters (see BENCHMARKS.md, P5).
+    let per_proto: Vec<Arc<CredentialSet>> = per_proto
+        .into_iter()
+        .map(|s| match &default {
+            Some(d) if d.key == s.key && d.fingerprint == s.fingerprint => d.clone(),
+            _ => s,
+        })
+        .collect();
     let (Some(default), Ok(per_proto)) = (default, <[_; 3]>::try_from(per_proto)) else {
         return Err(vec![ConfigError::new(path, "invalid account")]);
     };
@@ -828,7 +949,14 @@ mod tests {
                 "z": {{"user": "u", "pass": "p", "extra": true}}
             }}}}"#
         )));
-        assert_eq!(p, vec!["accounts.x.provider", "accounts.y.colour", "accounts.z.extra"]);
+        assert_eq!(
+            p,
+            vec![
+                "accounts.x.provider",
+                "accounts.y.colour",
+                "accounts.z.extra"
+            ]
+        );
     }
 
     #[test]
@@ -886,6 +1014,47 @@ mod tests {
         );
         assert_eq!(o.sets().len(), 2);
         assert_eq!(o.warm_sets().len(), 2);
+    }
+
+    #[test]
+    fn auth_may_list_several_pairs_for_rotation() {
+        let c = parse_str(
+            r#"{"auth": [{"username": "ee", "password": "old"}, {"username": "ee", "password": "new"}],
+                "accounts": {"a": {"user": "u", "pass": "p"}}}"#,
+        )
+        .unwrap();
+        assert!(c.auth.is_some());
+        let e = parse_str(r#"{"auth": [{"username": "ee"}], "accounts": {}}"#)
+            .err()
+            .unwrap();
+        assert_eq!(e[0].path, "auth[0]");
+        let e = parse_str(r#"{"auth": [], "accounts": {}}"#).err().unwrap();
+        assert_eq!(e[0].path, "auth");
+    }
+
+    #[test]
+    fn misshapen_secrets_are_not_echoed_and_do_not_hide_other_errors() {
+        let e = parse_str(
+            r#"{"auth": "emailengine:hunter2", "adminAuth": {"username": "a", "password": "p", "x": "y"},
+                "accounts": {"a": {"user": "u", "provider": "p", "refreshToken": "r", "scopes": "s\\\"ecret"}}}"#,
+        )
+        .err()
+        .unwrap();
+        let p: Vec<_> = e.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(p, vec!["auth", "adminAuth.x", "accounts.a.scopes"]);
+        assert!(
+            e[0].message.contains("invalid type: a string, expected"),
+            "{}",
+            e[0].message
+        );
+        for err in &e {
+            assert!(!err.message.contains("hunter2"), "{err}");
+        }
+        assert!(!e[2].message.contains("ecret"), "{}", e[2]);
+        assert_eq!(
+            redact_strings(r#"invalid value: string "a\"b\\", expected x; string "c""#),
+            "invalid value: a string, expected x; a string"
+        );
     }
 
     #[test]

@@ -11,8 +11,13 @@ fn init_logging(log: &LogArgs) {
         .unwrap_or_else(|| {
             EnvFilter::try_new(&log.log_level).unwrap_or_else(|_| EnvFilter::new("info"))
         });
+    // Colours only on a terminal: container runtimes store stderr as it is written, and
+    // escape codes make `kubectl logs` and log search harder to read.
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match log.log_format {
         LogFormat::Json => builder.json().init(),
@@ -42,6 +47,9 @@ async fn serve(args: cli::ServeArgs) -> i32 {
             return 2;
         }
     };
+    // Handlers first: a SIGTERM that arrives while the sidecar is still starting (it
+    // serves before `start` returns) must shut down cleanly, not kill the process.
+    let signals = Signals::install();
     let running = match ee_auth_sidecar::start(options).await {
         Ok(r) => r,
         Err(e) => {
@@ -50,24 +58,51 @@ async fn serve(args: cli::ServeArgs) -> i32 {
             return 1;
         }
     };
-    wait_for_signal().await;
+    signals.wait().await;
     tracing::info!("shutting down");
     running.shutdown().await;
     tracing::info!("stopped");
     0
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+/// SIGTERM and SIGINT, registered up front so that none is missed.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        let register = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot handle {name}");
+                None
+            }
+        };
+        Signals {
+            term: register(SignalKind::terminate(), "SIGTERM"),
+            int: register(SignalKind::interrupt(), "SIGINT"),
+        }
+    }
+
+    async fn wait(self) {
+        async fn recv(s: Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
             }
         }
-        Err(_) => {
+        if self.term.is_none() && self.int.is_none() {
             let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+        tokio::select! {
+            _ = recv(self.term) => {}
+            _ = recv(self.int) => {}
         }
     }
 }

@@ -142,7 +142,8 @@ pub struct Metrics {
     reloads_failed: Counter,
     last_reload: Gauge,
     persist_failures: Counter,
-    by_provider: Mutex<HashMap<ProviderSeries, (Counter, Histogram)>>,
+    by_provider: Mutex<HashMap<ProviderSeries, Counter>>,
+    upstream_by_provider: Mutex<HashMap<String, Histogram>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -206,7 +207,7 @@ impl Metrics {
         recorder.describe_histogram(
             UPSTREAM_DURATION.into(),
             Some(Unit::Seconds),
-            "Identity provider token endpoint latency.".into(),
+            "Identity provider token endpoint latency (the call alone, without queueing).".into(),
         );
         recorder.describe_gauge(
             ACCOUNTS.into(),
@@ -222,7 +223,7 @@ impl Metrics {
         recorder.describe_gauge(
             MIN_REMAINING.into(),
             Some(Unit::Seconds),
-            "Smallest remaining lifetime of any cached token.".into(),
+            "Smallest remaining lifetime of any cached token (NaN when none is cached).".into(),
         );
 
         let counter = |name: &'static str, labels: Vec<Label>| {
@@ -271,6 +272,7 @@ impl Metrics {
             last_reload,
             persist_failures,
             by_provider: Mutex::new(HashMap::new()),
+            upstream_by_provider: Mutex::new(HashMap::new()),
             recorder,
             handle,
         }
@@ -292,13 +294,13 @@ impl Metrics {
         self.cache[e as usize].increment(1);
     }
 
-    /// Counts an upstream fetch and its latency.
-    pub fn refresh(&self, provider: &str, outcome: RefreshOutcome, elapsed: Duration) {
+    /// Counts an upstream fetch by outcome. Its latency is recorded separately by
+    /// [`Metrics::upstream_latency`], around the provider call alone.
+    pub fn refresh(&self, provider: &str, outcome: RefreshOutcome) {
         let mut map = self.by_provider.lock().unwrap_or_else(|p| p.into_inner());
-        let (c, h) = map
-            .entry((provider.to_owned(), outcome.as_str()))
+        map.entry((provider.to_owned(), outcome.as_str()))
             .or_insert_with(|| {
-                let c = self.recorder.register_counter(
+                self.recorder.register_counter(
                     &Key::from_parts(
                         REFRESHES,
                         vec![
@@ -307,18 +309,30 @@ impl Metrics {
                         ],
                     ),
                     &METADATA,
-                );
-                let h = self.recorder.register_histogram(
+                )
+            })
+            .increment(1);
+    }
+
+    /// Records how long one identity provider call took. Time spent queueing for the
+    /// per-provider cap or the account's refresh lock is left out on purpose: during a
+    /// cold start that wait would swamp what the provider itself did.
+    pub fn upstream_latency(&self, provider: &str, elapsed: Duration) {
+        let mut map = self
+            .upstream_by_provider
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        map.entry(provider.to_owned())
+            .or_insert_with(|| {
+                self.recorder.register_histogram(
                     &Key::from_parts(
                         UPSTREAM_DURATION,
                         vec![Label::new("provider", provider.to_owned())],
                     ),
                     &METADATA,
-                );
-                (c, h)
-            });
-        c.increment(1);
-        h.record(elapsed.as_secs_f64());
+                )
+            })
+            .record(elapsed.as_secs_f64());
     }
 
     /// Counts a config load attempt.
@@ -354,11 +368,11 @@ impl Metrics {
                 )
                 .set(n as f64);
         }
-        if let Some(m) = snapshot.min_remaining {
-            self.recorder
-                .register_gauge(&Key::from_name(MIN_REMAINING), &METADATA)
-                .set(m.as_secs_f64());
-        }
+        // With no token cached, NaN rather than a stale value from an earlier scrape: the
+        // last token may have expired or its account may have been removed since.
+        self.recorder
+            .register_gauge(&Key::from_name(MIN_REMAINING), &METADATA)
+            .set(snapshot.min_remaining.map_or(f64::NAN, |m| m.as_secs_f64()));
         self.handle.render()
     }
 

@@ -125,40 +125,60 @@ fn decode_component(raw: &str, name: &'static str) -> Result<String, QueryError>
     String::from_utf8(bytes).map_err(|_| QueryError::InvalidEncoding(name))
 }
 
-/// Basic credentials the sidecar expects, compared byte for byte in constant time.
+/// Basic credentials the sidecar accepts, compared byte for byte in constant time.
 ///
 /// EmailEngine takes the user and password from the `authServer` URL without
 /// percent-decoding them, so the expected bytes are exactly what the operator typed
-/// into that URL (for example the literal `p%40ss`).
+/// into that URL (for example the literal `p%40ss`). More than one pair may be accepted
+/// at once, so credentials can be rotated without a window where EmailEngine is refused.
 #[derive(Clone)]
 pub struct BasicCredentials {
-    /// `user:password`, the decoded form of the header's base64 payload.
-    expected: Vec<u8>,
+    /// Each accepted `user:password`, the decoded form of the header's base64 payload.
+    expected: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for BasicCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("BasicCredentials([redacted])")
+        write!(
+            f,
+            "BasicCredentials({} pair(s), [redacted])",
+            self.expected.len()
+        )
     }
 }
 
 impl BasicCredentials {
-    /// Builds the expected credentials.
+    /// Accepts one user and password.
     pub fn new(username: &str, password: &Secret) -> Self {
         let mut expected = Vec::with_capacity(username.len() + 1 + password.expose().len());
         expected.extend_from_slice(username.as_bytes());
         expected.push(b':');
         expected.extend_from_slice(password.expose().as_bytes());
-        BasicCredentials { expected }
+        BasicCredentials {
+            expected: vec![expected],
+        }
     }
 
-    /// Whether an `Authorization` header value carries exactly these credentials.
+    /// Accepts any of several pairs (during a rotation: the old and the new).
+    pub fn any_of(pairs: impl IntoIterator<Item = BasicCredentials>) -> Self {
+        BasicCredentials {
+            expected: pairs.into_iter().flat_map(|p| p.expected).collect(),
+        }
+    }
+
+    /// Whether an `Authorization` header value carries one of the accepted pairs.
     pub fn matches(&self, header: Option<&[u8]>) -> bool {
         let Some(presented) = header.and_then(decode_basic) else {
             return false;
         };
-        // ct_eq on slices of different lengths returns false without leaking content.
-        bool::from(presented.as_slice().ct_eq(&self.expected))
+        // Every pair is compared (no early exit), each in constant time; ct_eq on slices of
+        // different lengths returns false without looking at the content.
+        self.expected
+            .iter()
+            .fold(subtle::Choice::from(0), |acc, e| {
+                acc | presented.as_slice().ct_eq(e)
+            })
+            .into()
     }
 }
 
@@ -316,6 +336,23 @@ mod tests {
         assert!(!creds.matches(None));
         assert!(!creds.matches(Some(b"Bearer abc")));
         assert!(!creds.matches(Some(b"Basic !!!")));
+    }
+
+    #[test]
+    fn rotation_accepts_old_and_new_pairs() {
+        let enc = |s: &str| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(s)
+            )
+        };
+        let both = BasicCredentials::any_of([
+            BasicCredentials::new("ee", &Secret::new("old")),
+            BasicCredentials::new("ee", &Secret::new("new")),
+        ]);
+        assert!(both.matches(Some(enc("ee:old").as_bytes())));
+        assert!(both.matches(Some(enc("ee:new").as_bytes())));
+        assert!(!both.matches(Some(enc("ee:other").as_bytes())));
     }
 
     #[test]

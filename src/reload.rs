@@ -39,12 +39,24 @@ pub fn watched_dirs(config_path: &Path, secret_files: &[PathBuf]) -> BTreeSet<Pa
     dirs
 }
 
+/// Whether an event can mean new content. notify's inotify backend also reports every
+/// `open()` (and reads), including our own re-read of the file: counting those would make
+/// each reload schedule the next one, forever. A finished write (`Close(Write)`) counts.
+fn changes_content(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    match kind {
+        notify::EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        notify::EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
 fn make_watcher(dirs: &BTreeSet<PathBuf>, tx: mpsc::Sender<()>) -> Option<RecommendedWatcher> {
     // notify calls back on its own thread; try_send never blocks it, and a full channel
     // already means a reload is pending.
     let mut watcher = match notify::recommended_watcher(
         move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
+            if res.is_ok_and(|e| changes_content(&e.kind)) {
                 let _ = tx.try_send(());
             }
         },
@@ -63,32 +75,59 @@ fn make_watcher(dirs: &BTreeSet<PathBuf>, tx: mpsc::Sender<()>) -> Option<Recomm
     Some(watcher)
 }
 
-/// Watches until shutdown, reloading on change and every `reload_interval`.
-pub async fn watch(sidecar: Arc<Sidecar>, mut shutdown: watch_channel::Receiver<bool>) {
+/// Starts watching now and returns the loop to spawn: it reloads on change and every
+/// `reload_interval` until shutdown. The watcher is created before this returns, so a
+/// change made after it cannot be missed.
+pub fn watch(
+    sidecar: Arc<Sidecar>,
+    mut shutdown: watch_channel::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let options = sidecar.options().clone();
     let (tx, mut rx) = mpsc::channel::<()>(16);
     let mut dirs = watched_dirs(&options.config_path, &sidecar.config().secret_files);
-    let mut _watcher = make_watcher(&dirs, tx.clone());
-    let mut tick = tokio::time::interval(
-        options
+    let watcher = make_watcher(&dirs, tx.clone());
+    async move {
+        // Held for the life of the loop: dropping it ends the inotify watches.
+        let mut _watcher = watcher;
+        let period = options
             .reload_interval
-            .max(std::time::Duration::from_millis(100)),
-    );
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await; // the first tick is immediate; the config was just loaded
-    loop {
-        tokio::select! {
-            Some(()) = rx.recv() => {
-                // Debounce: wait for a quiet period so a burst becomes one reload.
-                while let Ok(Some(())) = tokio::time::timeout(options.reload_debounce, rx.recv()).await {}
+            .max(std::time::Duration::from_millis(100));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut recheck = false;
+        loop {
+            if !recheck {
+                tokio::select! {
+                    Some(()) = rx.recv() => {
+                        // Debounce: wait for a quiet period so a burst becomes one reload.
+                        while let Ok(Some(())) = tokio::time::timeout(options.reload_debounce, rx.recv()).await {}
+                    }
+                    _ = tick.tick() => {}
+                    _ = shutdown.changed() => return,
+                }
             }
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        if sidecar.reload().await.unwrap_or(false) {
-            let new_dirs = watched_dirs(&options.config_path, &sidecar.config().secret_files);
-            if new_dirs != dirs {
-                // Replacing the watcher drops the old one (and its inotify watches).
+            let failed = sidecar.reload().await.is_err();
+            // The periodic re-read is a backstop for quiet periods, not a second reload
+            // right after this one.
+            tick.reset();
+            // Watch what the file on disk refers to now, even if it was unchanged or
+            // invalid: a broken config may name a secret file that is yet to be created
+            // in a directory the running config never used.
+            let mut files = sidecar.config().secret_files.clone();
+            if failed {
+                let path = options.config_path.clone();
+                let named =
+                    tokio::task::spawn_blocking(move || crate::config::referenced_files(&path))
+                        .await
+                        .unwrap_or_default();
+                files.extend(named);
+            }
+            let new_dirs = watched_dirs(&options.config_path, &files);
+            recheck = new_dirs != dirs;
+            if recheck {
+                // Replacing the watcher drops the old one (and its inotify watches). What
+                // changed in the new directories before they were watched is caught by
+                // re-reading once more, at once.
                 _watcher = make_watcher(&new_dirs, tx.clone());
                 dirs = new_dirs;
             }

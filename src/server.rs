@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,17 +20,20 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use crate::cache::Source;
-use crate::config::AccountKind;
+use crate::cache::{KeyStatus, Source};
+use crate::config::{AccountKind, Config, CredentialSet, OAuthAccount};
 use crate::error::{json_response, ServeError};
 use crate::metrics::Outcome;
-use crate::protocol::{self, parse_query};
+use crate::protocol::{self, parse_query, Proto};
 use crate::sidecar::Sidecar;
 
 /// Largest request head we read; beyond it the answer is 431.
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Time allowed for a TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long open keep-alive connections may still send a request after shutdown begins
+/// (at most half the grace period).
+const MAX_DRAIN: Duration = Duration::from_millis(500);
 
 /// Builds a TLS acceptor from PEM files (ring provider, TLS 1.2 and 1.3).
 pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
@@ -69,7 +73,10 @@ pub async fn serve(
         .max_header_size(MAX_HEADER_BYTES)
         .keep_alive(true);
     let graceful = GracefulShutdown::new();
-    let connections = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    let max_connections = options.max_connections.max(1);
+    let connections = Arc::new(Semaphore::new(max_connections));
+    // Set once shutdown begins: every response from then on says `Connection: close`.
+    let draining = Arc::new(AtomicBool::new(false));
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -90,9 +97,20 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let sidecar = sidecar.clone();
+        let draining = draining.clone();
         let service = service_fn(move |req| {
             let sidecar = sidecar.clone();
-            async move { Ok::<_, Infallible>(route(&sidecar, req).await) }
+            let draining = draining.clone();
+            async move {
+                let mut resp = route(&sidecar, req).await;
+                if draining.load(Ordering::Relaxed) {
+                    // hyper closes the connection once this response is written, so the
+                    // client learns it must not send another request on it.
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(resp)
+            }
         });
         let http = http.clone();
         let watcher = graceful.watcher();
@@ -120,8 +138,20 @@ pub async fn serve(
             }
         });
     }
+    let deadline = tokio::time::Instant::now() + options.shutdown_grace;
     drop(listener);
-    if tokio::time::timeout(options.shutdown_grace, graceful.shutdown())
+    draining.store(true, Ordering::Relaxed);
+    // Closing an idle keep-alive connection at once races with a request the client is
+    // sending on it right then; that request would be reset, never answered. So open
+    // connections first get a short drain: each one closes after its next response
+    // (which says `Connection: close`), and only the ones still idle after it are closed.
+    let drain_until = tokio::time::Instant::now() + MAX_DRAIN.min(options.shutdown_grace / 2);
+    while connections.available_permits() < max_connections
+        && tokio::time::Instant::now() < drain_until
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if tokio::time::timeout_at(deadline, graceful.shutdown())
         .await
         .is_err()
     {
@@ -133,7 +163,7 @@ pub async fn serve(
 async fn route(sidecar: &Arc<Sidecar>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     if path == sidecar.options().path {
-        return token(sidecar, &req).await;
+        return token(sidecar, req.method(), req.uri(), req.headers()).await;
     }
     match path {
         "/healthz" => text(StatusCode::OK, "ok\n"),
@@ -165,11 +195,18 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     resp
 }
 
-/// The EmailEngine token endpoint.
-async fn token(sidecar: &Arc<Sidecar>, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// The EmailEngine token endpoint, on a request's parts (the body is never read).
+///
+/// Public so the in-process benchmark measures exactly what a request runs.
+pub async fn token(
+    sidecar: &Arc<Sidecar>,
+    method: &Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let mut proto = None;
-    let result = answer(sidecar, req, &mut proto).await;
+    let result = answer(sidecar, method, uri, headers, &mut proto).await;
     let (resp, outcome) = match result {
         Ok((body, outcome)) => (json_response(StatusCode::OK, body), outcome),
         Err(e) => {
@@ -183,25 +220,26 @@ async fn token(sidecar: &Arc<Sidecar>, req: &Request<Incoming>) -> Response<Full
 
 async fn answer(
     sidecar: &Arc<Sidecar>,
-    req: &Request<Incoming>,
+    method: &Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
     proto_out: &mut Option<protocol::Proto>,
 ) -> Result<(Bytes, Outcome), ServeError> {
-    if req.method() != Method::GET {
+    if method != Method::GET {
         return Err(ServeError::MethodNotAllowed("GET"));
     }
     let set = {
         // The snapshot guard is dropped before any await.
         let config = sidecar.config();
         if let Some(auth) = &config.auth {
-            let header = req
-                .headers()
+            let header = headers
                 .get(header::AUTHORIZATION)
                 .map(HeaderValue::as_bytes);
             if !auth.matches(header) {
                 return Err(ServeError::Unauthorized);
             }
         }
-        let query = parse_query(req.uri().query())?;
+        let query = parse_query(uri.query())?;
         *proto_out = query.proto;
         let account = config
             .account(&query.account)
@@ -244,24 +282,18 @@ async fn admin(
             .map(|c| c.into_owned())
             .map_err(|_| ServeError::BadRequest(protocol::QueryError::InvalidEncoding("account")))
     };
-    let status = sidecar.cache().status();
-    let account_json = |id: &str| -> Option<serde_json::Value> {
-        let account = config.account(id)?;
-        let kind = match &account.kind {
-            AccountKind::Fixed(_) => "fixed",
-            AccountKind::OAuth(_) => "oauth2",
-        };
-        let sets: Vec<_> = status.iter().filter(|s| s.account == id).collect();
-        Some(serde_json::json!({ "id": id, "type": kind, "credentialSets": sets }))
-    };
     let json = |status: StatusCode, v: serde_json::Value| {
         json_response(status, Bytes::from(v.to_string()))
     };
     match (req.method(), segments.as_slice()) {
         (&Method::GET, []) => {
+            let status = sidecar.cache().status();
             let mut ids: Vec<&str> = config.accounts.keys().map(|k| &**k).collect();
             ids.sort_unstable();
-            let accounts: Vec<_> = ids.into_iter().filter_map(account_json).collect();
+            let accounts: Vec<_> = ids
+                .into_iter()
+                .filter_map(|id| account_json(&config, &status, id))
+                .collect();
             Ok(json(
                 StatusCode::OK,
                 serde_json::json!({ "config": sidecar.reload_status(), "ready": sidecar.is_ready(), "accounts": accounts }),
@@ -269,7 +301,7 @@ async fn admin(
         }
         (&Method::GET, [id]) => {
             let id = decode(id)?;
-            account_json(&id)
+            account_json(&config, &sidecar.cache().status(), &id)
                 .map(|v| json(StatusCode::OK, v))
                 .ok_or(ServeError::UnknownAccount)
         }
@@ -279,22 +311,94 @@ async fn admin(
             let AccountKind::OAuth(o) = &account.kind else {
                 return Ok(json(
                     StatusCode::OK,
-                    serde_json::json!({ "id": id, "refreshed": 0, "note": "fixed accounts have nothing to refresh" }),
+                    serde_json::json!({ "id": id, "refreshed": 0, "failed": 0, "credentialSets": [], "note": "fixed accounts have nothing to refresh" }),
                 ));
             };
-            let sets: Vec<_> = o.sets().into_iter().cloned().collect();
-            let mut refreshed = 0;
-            for set in &sets {
-                sidecar.cache().force_refresh(set).await?;
-                refreshed += 1;
+            // The sets in use (tracked by the cache) and the ones pre-warm keeps fresh; a
+            // set nobody asked for (say the Graph set of an IMAP-only account) is left
+            // alone, as it would be in normal operation.
+            let tracked = sidecar.cache().keys();
+            let mut sets: Vec<&Arc<CredentialSet>> = o.warm_sets();
+            for set in o.sets() {
+                if tracked.contains(&set.key) && !sets.iter().any(|s| s.key == set.key) {
+                    sets.push(set);
+                }
+            }
+            let mut results = Vec::with_capacity(sets.len());
+            let mut failed = 0;
+            for set in sets {
+                // Sequential on purpose: sets of one account share its refresh token.
+                let outcome = sidecar.cache().force_refresh(set).await;
+                let status = sidecar.cache().status();
+                let mut v = set_json(o, &status, set);
+                v["refreshed"] = serde_json::Value::Bool(outcome.is_ok());
+                if let Err(e) = outcome {
+                    failed += 1;
+                    v["error"] = serde_json::Value::String(e.to_string());
+                }
+                results.push(v);
             }
             Ok(json(
-                StatusCode::OK,
-                serde_json::json!({ "id": id, "refreshed": refreshed }),
+                if failed == 0 {
+                    StatusCode::OK
+                } else {
+                    StatusCode::BAD_GATEWAY
+                },
+                serde_json::json!({ "id": id, "refreshed": results.len() - failed, "failed": failed, "credentialSets": results }),
             ))
         }
         (_, [] | [_]) => Err(ServeError::MethodNotAllowed("GET")),
         (_, [_, "refresh"]) => Err(ServeError::MethodNotAllowed("POST")),
         _ => Err(ServeError::NotFound),
     }
+}
+
+/// One account for the admin API: every credential set it has, fetched yet or not.
+fn account_json(config: &Config, status: &[KeyStatus], id: &str) -> Option<serde_json::Value> {
+    let account = config.account(id)?;
+    Some(match &account.kind {
+        AccountKind::Fixed(_) => {
+            serde_json::json!({ "id": id, "type": "fixed", "credentialSets": [] })
+        }
+        AccountKind::OAuth(o) => {
+            let sets: Vec<_> = o
+                .sets()
+                .into_iter()
+                .map(|s| set_json(o, status, s))
+                .collect();
+            serde_json::json!({ "id": id, "type": "oauth2", "credentialSets": sets })
+        }
+    })
+}
+
+/// A credential set's status (never a token), with the protocols it serves; `idle` when
+/// the cache has never been asked for it.
+fn set_json(o: &OAuthAccount, status: &[KeyStatus], set: &CredentialSet) -> serde_json::Value {
+    let mut protocols: Vec<&str> = Vec::new();
+    if o.set_for(None).key == set.key {
+        protocols.push("default");
+    }
+    for p in Proto::ALL {
+        if o.set_for(Some(p)).key == set.key {
+            protocols.push(p.as_str());
+        }
+    }
+    let found = status.iter().find(|s| {
+        *s.account == *set.key.account
+            && s.provider == *set.provider_name
+            && s.grant == set.grant.as_str()
+            && s.scopes == set.scopes
+    });
+    let mut v = match found.and_then(|s| serde_json::to_value(s).ok()) {
+        Some(v) => v,
+        None => serde_json::json!({
+            "account": &*set.key.account,
+            "provider": &*set.provider_name,
+            "grant": set.grant.as_str(),
+            "scopes": set.scopes,
+            "state": "idle",
+        }),
+    };
+    v["protocols"] = serde_json::json!(protocols);
+    v
 }

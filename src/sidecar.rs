@@ -272,7 +272,16 @@ impl Sidecar {
             Ok(Some(c))
         });
         match new {
-            Ok(None) => Ok(false),
+            Ok(None) => {
+                // The file is back to the config in use (an operator reverted a bad
+                // edit): the error shown is no longer true.
+                let mut st = self.reload_status.lock().unwrap_or_else(|p| p.into_inner());
+                if st.last_error.take().is_some() {
+                    st.last_error_at = None;
+                    tracing::info!(file = %self.options.config_path.display(), "config file is valid again and unchanged from the one in use");
+                }
+                Ok(false)
+            }
             Ok(Some(new)) => {
                 let new = Arc::new(new);
                 let old = self.config.swap(new.clone());
@@ -287,10 +296,16 @@ impl Sidecar {
                 Ok(true)
             }
             Err(errors) => {
+                let messages: Vec<String> = errors.errors.iter().map(ToString::to_string).collect();
+                let mut st = self.reload_status.lock().unwrap_or_else(|p| p.into_inner());
+                if st.last_error.as_ref() == Some(&messages) {
+                    // The same broken file looked at again (periodic re-read, an unrelated
+                    // event): it was logged and counted when it first appeared.
+                    return Err(errors);
+                }
                 self.metrics.reload(false);
                 tracing::error!(file = %errors.file.display(), "{errors}; keeping the previous config");
-                let mut st = self.reload_status.lock().unwrap_or_else(|p| p.into_inner());
-                st.last_error = Some(errors.errors.iter().map(ToString::to_string).collect());
+                st.last_error = Some(messages);
                 st.last_error_at = Some(now_rfc3339());
                 Err(errors)
             }
@@ -321,11 +336,18 @@ impl Sidecar {
             }
         }
         // Keys may have been activated under a set that this config dropped (e.g. via a
-        // request that raced the swap): drop those too.
-        for key in self.cache.keys() {
-            if !new_sets.contains_key(&key) {
-                self.cache.remove(&key).await;
-            }
+        // request that raced the swap): drop those too, now and once more a moment later,
+        // for a request that loaded the old map just before the swap and reaches the
+        // cache only after this diff.
+        self.drop_unconfigured_keys().await;
+        {
+            let this = Arc::downgrade(self);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Some(this) = this.upgrade() {
+                    this.drop_unconfigured_keys().await;
+                }
+            });
         }
         let added: Vec<Arc<CredentialSet>> = new
             .accounts
@@ -350,6 +372,20 @@ impl Sidecar {
         if !added.is_empty() {
             let this = self.clone();
             tokio::spawn(async move { this.warm_all(added).await });
+        }
+    }
+
+    /// Forgets cache keys that the config in use does not define.
+    async fn drop_unconfigured_keys(&self) {
+        let configured: std::collections::HashSet<_> = self
+            .config()
+            .credential_sets()
+            .map(|s| s.key.clone())
+            .collect();
+        for key in self.cache.keys() {
+            if !configured.contains(&key) {
+                self.cache.remove(&key).await;
+            }
         }
     }
 
@@ -401,6 +437,23 @@ impl Running {
     }
 }
 
+/// Accept-queue length of the listening socket. tokio (like std) asks for 128; a burst
+/// of connections beyond that (EmailEngine connecting many accounts at once) makes the
+/// kernel drop SYNs, which clients resend only after a second.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds the listening socket (`SO_REUSEADDR`, as tokio's own `bind` does).
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Loads the config, binds, and starts serving, pre-warming and watching the config.
 pub async fn start(options: Options) -> Result<Running, StartError> {
     let config = config::load(&options.config_path)?;
@@ -409,12 +462,10 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         Some((cert, key)) => Some(crate::server::tls_acceptor(cert, key).map_err(StartError::Tls)?),
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind(options.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: options.listen,
-            source,
-        })?;
+    let listener = bind(options.listen).map_err(|source| StartError::Bind {
+        addr: options.listen,
+        source,
+    })?;
     let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
         addr: options.listen,
         source,
@@ -436,10 +487,11 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         sidecar.clone(),
         shutdown_rx.clone(),
     )));
-    tasks.push(tokio::spawn(crate::reload::watch(
-        sidecar.clone(),
-        shutdown_rx.clone(),
-    )));
+    // The watcher starts before `start` returns; the re-read after it covers a change
+    // made between the first load and the first watch (a no-op otherwise).
+    let watcher = crate::reload::watch(sidecar.clone(), shutdown_rx.clone());
+    let _ = sidecar.reload().await;
+    tasks.push(tokio::spawn(watcher));
 
     // Histogram buffers are drained on a timer, as the exporter expects.
     let upkeep = {

@@ -78,11 +78,27 @@ impl TokenStore {
     /// Unreadable records are reported and skipped; stray temp files are removed.
     pub fn open(dir: &Path) -> Result<(Self, Vec<String>), StateError> {
         let tokens = dir.join("refresh-tokens");
-        fs::create_dir_all(&tokens).map_err(io_err(&tokens))?;
-        for d in [dir, tokens.as_path()] {
-            fs::set_permissions(d, fs::Permissions::from_mode(0o700)).map_err(io_err(d))?;
-        }
         let mut warnings = Vec::new();
+        let dir_existed = dir.exists();
+        fs::create_dir_all(&tokens).map_err(io_err(&tokens))?;
+        // The tokens' own directory is ours: always private. The state directory itself may
+        // be a volume root owned by root (emptyDir, PVC), where chmod is not permitted; it
+        // is made private when we created it, and otherwise only tightened if we can.
+        fs::set_permissions(&tokens, fs::Permissions::from_mode(0o700)).map_err(io_err(&tokens))?;
+        if !dir_existed {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+        } else if fs::metadata(dir)
+            .map(|m| m.permissions().mode() & 0o077 != 0)
+            .unwrap_or(false)
+        {
+            if let Err(e) = fs::set_permissions(dir, fs::Permissions::from_mode(0o700)) {
+                warnings.push(format!(
+                    "{}: cannot make it private ({e}); the token files are private in {}",
+                    dir.display(),
+                    tokens.display()
+                ));
+            }
+        }
         let mut records = HashMap::new();
         for entry in fs::read_dir(&tokens).map_err(io_err(&tokens))? {
             let path = entry.map_err(io_err(&tokens))?.path();

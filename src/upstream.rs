@@ -72,7 +72,11 @@ impl Upstream {
     /// purpose: two credential sets of one account must not spend the same refresh token
     /// concurrently (a rotating provider would revoke one of them). This is off the
     /// request hot path; cached tokens are served without it.
-    pub async fn fetch(&self, set: &CredentialSet) -> Result<TokenGrant, ProviderError> {
+    ///
+    /// Returns the grant and when the request went out (after any queueing): the
+    /// token's lifetime counts from then, which is safe (the provider issues it later)
+    /// without losing the time spent waiting for the account lock or the provider cap.
+    pub async fn fetch(&self, set: &CredentialSet) -> Result<(TokenGrant, SentAt), ProviderError> {
         let account = &set.key.account;
         let _account_guard = match set.grant {
             Grant::RefreshToken => Some(self.account_lock(account).lock_owned().await),
@@ -94,8 +98,15 @@ impl Upstream {
             refresh_token: spend.as_ref().map(|(t, _)| t),
             subject: &set.user,
         };
+        let started = std::time::Instant::now();
+        let sent_at = SentAt {
+            instant: tokio::time::Instant::now(),
+            wall: std::time::SystemTime::now(),
+        };
         let result = set.provider.fetch(&self.http, &req).await;
         drop(permit);
+        self.metrics
+            .upstream_latency(&set.provider_name, started.elapsed());
         let grant = result?;
         if let (Some(new), Some((old, origin))) = (&grant.refresh_token, &spend) {
             if new != old {
@@ -106,6 +117,15 @@ impl Upstream {
                 }
             }
         }
-        Ok(grant)
+        Ok((grant, sent_at))
     }
+}
+
+/// When a token request was sent, on the monotonic and the wall clock.
+#[derive(Clone, Copy, Debug)]
+pub struct SentAt {
+    /// Monotonic (tokio's clock, so paused-time tests move it).
+    pub instant: tokio::time::Instant,
+    /// Wall clock, for status pages.
+    pub wall: std::time::SystemTime,
 }

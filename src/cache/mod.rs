@@ -240,7 +240,8 @@ impl TokenCache {
     }
 
     /// Serves a token for `set`: from memory when fresh, else by joining (or starting)
-    /// the one fetch for its key, waiting at most the policy's `request_wait`.
+    /// the one fetch for its key, waiting at most the policy's `request_wait` — and, when
+    /// a still-valid token is in hand, only as long as that token stays servable.
     pub async fn get(
         self: &Arc<Self>,
         set: &Arc<CredentialSet>,
@@ -257,7 +258,19 @@ impl TokenCache {
                 return Ok((tok.body.clone(), Source::Hit));
             }
         }
-        let result = self.fetch_or_join(set).await;
+        // With a valid (aging) token in hand, a slow or stalled provider must not turn it
+        // into a 429 by making the request wait past the token's servable life: wait at
+        // most half of what is left of it, so it can still be served stale afterwards.
+        let servable_for = cached.as_ref().map_or(Duration::ZERO, |tok| {
+            tok.expires_at
+                .saturating_duration_since(Instant::now() + schedule::stale_floor(tok.min_life))
+        });
+        let wait = if servable_for.is_zero() {
+            self.policy.request_wait
+        } else {
+            self.policy.request_wait.min(servable_for / 2)
+        };
+        let result = self.fetch_or_join(set, wait).await;
         match result {
             Ok((tok, source)) => {
                 self.metrics.cache_event(match source {
@@ -267,7 +280,11 @@ impl TokenCache {
                 Ok((tok.body.clone(), source))
             }
             Err(e) => match cached {
-                Some(tok) if tok.expires_at > Instant::now() => {
+                // Stale tokens keep a small floor of life so none expires on its way to
+                // EmailEngine or in its hands.
+                Some(tok)
+                    if tok.expires_at > Instant::now() + schedule::stale_floor(tok.min_life) =>
+                {
                     self.metrics.cache_event(CacheEvent::StaleServed);
                     Ok((tok.body.clone(), Source::Stale))
                 }
@@ -280,10 +297,11 @@ impl TokenCache {
     }
 
     /// Joins the fetch under way for the key, or starts one unless the key is backing
-    /// off after a failure.
+    /// off after a failure; waits for it at most `wait`.
     async fn fetch_or_join(
         self: &Arc<Self>,
         set: &Arc<CredentialSet>,
+        wait: Duration,
     ) -> Result<(Arc<CachedToken>, Source), CacheError> {
         let (flight, source) = {
             let mut keys = self.lock();
@@ -297,7 +315,7 @@ impl TokenCache {
                 (self.start_flight(rec), Source::Miss)
             }
         };
-        match tokio::time::timeout(self.policy.request_wait, flight).await {
+        match tokio::time::timeout(wait, flight).await {
             Ok(Ok(tok)) => Ok((tok, source)),
             Ok(Err(e)) => Err(self.error_from(set, &e, None)),
             Err(_) => Err(CacheError::Unavailable {
@@ -369,10 +387,9 @@ impl TokenCache {
 
     /// One upstream fetch and its bookkeeping; runs in its own task.
     async fn run_fetch(self: Arc<Self>, set: Arc<CredentialSet>, generation: u64) -> FetchResult {
-        let sent_at = Instant::now();
-        let sent_at_wall = SystemTime::now();
         let result = self.upstream.fetch(&set).await;
-        let result = result.and_then(|grant| {
+        let result = result.and_then(|(grant, sent)| {
+            let (sent_at, sent_at_wall) = (sent.instant, sent.wall);
             let lifetime = match grant.expires_in {
                 Some(l) => l,
                 None => {
@@ -407,8 +424,7 @@ impl TokenCache {
         });
         match result {
             Ok((tok, refresh_at)) => {
-                self.metrics
-                    .refresh(&set.provider_name, RefreshOutcome::Ok, sent_at.elapsed());
+                self.metrics.refresh(&set.provider_name, RefreshOutcome::Ok);
                 if !self.is_current(&set.key, generation) {
                     return Ok(tok);
                 }
@@ -437,8 +453,7 @@ impl TokenCache {
                     ErrorClass::Transient => RefreshOutcome::Transient,
                     ErrorClass::Permanent => RefreshOutcome::Permanent,
                 };
-                self.metrics
-                    .refresh(&set.provider_name, outcome, sent_at.elapsed());
+                self.metrics.refresh(&set.provider_name, outcome);
                 let mut keys = self.lock();
                 if let Some(rec) = keys
                     .get_mut(&set.key)
@@ -474,6 +489,18 @@ impl TokenCache {
                         consecutive,
                     });
                     self.schedule(rec, &set.key, retry_at);
+                } else {
+                    // The credentials were replaced or removed meanwhile: nothing to retry,
+                    // but every failed refresh still gets its log line.
+                    tracing::warn!(
+                        account = %set.key.account,
+                        provider = %set.provider_name,
+                        class = e.class.as_str(),
+                        code = %e.code,
+                        provider_code = e.provider_code.as_deref().unwrap_or(""),
+                        hint = e.hint.unwrap_or(""),
+                        "token refresh failed (for credentials replaced since; not retried)"
+                    );
                 }
                 Err(Arc::new(e))
             }

@@ -104,6 +104,13 @@ pub fn backoff(
     }
 }
 
+/// The least life a token must have left to be served stale (after a failed refresh):
+/// a quarter of its minimum life, at most one second, so that it does not expire on its
+/// way to EmailEngine or in the moment EmailEngine uses it.
+pub fn stale_floor(min_life: Duration) -> Duration {
+    (min_life / 4).min(Duration::from_secs(1))
+}
+
 /// How a cached token may be used at a given moment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Freshness {
@@ -185,6 +192,76 @@ mod tests {
             if let Some(ra) = ra {
                 prop_assert!(d >= Duration::from_secs(ra).min(MAX_RETRY_AFTER));
             }
+        }
+
+        /// For every policy the CLI can express (any --min-ttl, any --refresh-margin, the
+        /// fixed fraction or any other above zero) and any lifetime: the refresh comes
+        /// after issue and before expiry; until it comes the token is served as fresh (so
+        /// with a healthy provider no request waits); a token is served as fresh only with
+        /// its minimum life left; and a stale one (after a failed refresh) keeps a floor.
+        #[test]
+        fn scheduling_rules_hold_for_any_policy(
+            lifetime_ms in 1u64..100_000_000,
+            min_ttl_ms in 0u64..7_200_000,
+            margin_floor_ms in 0u64..7_200_000,
+            margin_fraction in 0.01f64..=1.0,
+            jitter in 0.0f64..1.0,
+            probe in 0.0f64..=1.0,
+        ) {
+            let policy = Policy {
+                min_ttl: Duration::from_millis(min_ttl_ms),
+                margin_floor: Duration::from_millis(margin_floor_ms),
+                margin_fraction,
+                ..Policy::default()
+            };
+            let l = Duration::from_millis(lifetime_ms);
+            let p = plan(l, &policy, jitter);
+            // Refresh time is always after issue and before expiry...
+            prop_assert!(p.refresh_after > Duration::ZERO);
+            prop_assert!(p.refresh_after < l);
+            // ...while the token is still fresh, and stays fresh until then.
+            prop_assert_eq!(freshness(Some(l - p.refresh_after), p.min_life), Freshness::Fresh);
+            let t = p.refresh_after.mul_f64(probe);
+            prop_assert_eq!(freshness(Some(l - t), p.min_life), Freshness::Fresh);
+            // Never more minimum life than configured.
+            prop_assert!(p.min_life <= policy.min_ttl);
+            // Served as fresh only with the minimum life left (at any moment `t` of its life).
+            let t = l.mul_f64(probe);
+            let remaining = l.checked_sub(t).filter(|r| !r.is_zero());
+            match freshness(remaining, p.min_life) {
+                Freshness::Fresh => prop_assert!(l - t >= p.min_life && t < l),
+                Freshness::Aging => prop_assert!(l - t < p.min_life && t < l),
+                Freshness::Expired => prop_assert!(t >= l),
+            }
+            // A stale token keeps some life, never more than the minimum life demands.
+            let floor = stale_floor(p.min_life);
+            prop_assert!(floor <= p.min_life && floor <= Duration::from_secs(1));
+            prop_assert!(p.min_life.is_zero() || !floor.is_zero());
+        }
+
+        /// Back-off never shrinks as failures accumulate (same jitter), never goes under
+        /// half the exponential step, and never over the cap, for any base and cap.
+        #[test]
+        fn backoff_grows_within_the_schedule(
+            base_ms in 1u64..10_000,
+            cap_factor in 1u64..1000,
+            failures in 1u32..64,
+            jitter in 0.0f64..1.0,
+        ) {
+            let policy = Policy {
+                backoff_base: Duration::from_millis(base_ms),
+                backoff_max: Duration::from_millis(base_ms * cap_factor),
+                ..Policy::default()
+            };
+            let d = backoff(failures, None, &policy, jitter);
+            let next = backoff(failures + 1, None, &policy, jitter);
+            prop_assert!(next >= d);
+            let step = policy
+                .backoff_base
+                .saturating_mul(1 << (failures - 1).min(30))
+                .min(policy.backoff_max);
+            prop_assert!(d >= step / 2 && d <= step);
+            prop_assert!(d <= policy.backoff_max);
         }
     }
 }

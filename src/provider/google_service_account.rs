@@ -38,7 +38,11 @@ struct KeyFile {
 /// A service account with its private key, parsed once per config load.
 pub struct ServiceAccount {
     client_email: String,
+    /// Where the assertion is posted (`tokenUrl`, else the key's `token_uri`).
     token_url: String,
+    /// The assertion's `aud`: the key's `token_uri`, which Google checks, even when the
+    /// request goes through a `tokenUrl` override (an egress proxy, say).
+    audience: String,
     key: RsaKeyPair,
     rng: SystemRandom,
 }
@@ -48,6 +52,7 @@ impl std::fmt::Debug for ServiceAccount {
         f.debug_struct("ServiceAccount")
             .field("client_email", &self.client_email)
             .field("token_url", &self.token_url)
+            .field("audience", &self.audience)
             .field("key", &"[redacted]")
             .finish()
     }
@@ -83,10 +88,11 @@ impl ServiceAccount {
                 format!("private_key is not a usable RSA key: {e}"),
             )
         })?;
-        let token_url = raw
-            .token_url
-            .or(key.token_uri)
+        let audience = key
+            .token_uri
             .unwrap_or_else(|| super::google::TOKEN_URL.to_owned());
+        check_url(&audience, &format!("{key_path}.token_uri"))?;
+        let token_url = raw.token_url.unwrap_or_else(|| audience.clone());
         check_url(&token_url, &format!("{path}.tokenUrl"))?;
         if key.client_email.is_empty() {
             return Err(ConfigError::new(&key_path, "client_email is empty"));
@@ -94,6 +100,7 @@ impl ServiceAccount {
         Ok(ServiceAccount {
             client_email: key.client_email,
             token_url,
+            audience,
             key: pair,
             rng: SystemRandom::new(),
         })
@@ -105,7 +112,7 @@ impl ServiceAccount {
         let claims = serde_json::json!({
             "iss": self.client_email,
             "scope": scope,
-            "aud": self.token_url,
+            "aud": self.audience,
             "sub": subject,
             "iat": now,
             "exp": now + ASSERTION_LIFETIME_SECS,

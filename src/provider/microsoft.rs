@@ -161,6 +161,20 @@ impl Microsoft {
         {
             return Err("the client_credentials grant takes exactly one scope of the form `<resource>/.default`".into());
         }
+        // One token has one audience: Outlook (IMAP/SMTP) and Graph scopes cannot be mixed
+        // (Microsoft answers AADSTS28000); catch it at load time, not at the first refresh.
+        let mut resources: Vec<&str> = scopes
+            .iter()
+            .filter_map(|s| scope_resource(s, self.cloud.graph()))
+            .collect();
+        resources.sort_unstable();
+        resources.dedup();
+        if resources.len() > 1 {
+            return Err(format!(
+                "scopes for different resources ({}) cannot be in one token; give the Graph scopes their own set under `protocols.api`",
+                resources.join(", ")
+            ));
+        }
         Ok(())
     }
 
@@ -221,14 +235,15 @@ fn classify_microsoft(f: Failure) -> ProviderError {
             .or_else(|| b.error_description.as_deref().and_then(aadsts_in_text)),
         _ => None,
     };
+    // Throttling is transient whatever its body says: the code below only looks at the
+    // body's `error`, which a 429 may fill with a grant error.
+    let throttled = matches!(&f, Failure::Status { status: 429, .. });
     let mut e = classify(f);
     if let Some(code) = aadsts {
         e.provider_code = Some(format!("AADSTS{code}"));
         // A 4xx is already permanent; an AADSTS code that needs a person makes the
         // rare non-standard answer (a 5xx carrying one) permanent too.
-        if PERMANENT_AADSTS.contains(&code)
-            && !matches!(e.code.as_str(), "http_429" | "temporarily_unavailable")
-        {
+        if PERMANENT_AADSTS.contains(&code) && !throttled && e.code != "temporarily_unavailable" {
             e.class = ErrorClass::Permanent;
         }
         e.hint = match code {
@@ -247,6 +262,18 @@ fn classify_microsoft(f: Failure) -> ProviderError {
         e.hint = Some("the user must sign in interactively and consent again");
     }
     e
+}
+
+/// The resource (audience) a scope belongs to; `None` for the OpenID Connect scopes that
+/// go with any resource. A scope without a resource prefix is a Graph scope of the cloud.
+fn scope_resource<'a>(scope: &'a str, graph: &'a str) -> Option<&'a str> {
+    if matches!(scope, "offline_access" | "openid" | "profile" | "email") {
+        return None;
+    }
+    match scope.rfind('/') {
+        Some(i) if scope.contains("://") => Some(&scope[..i]),
+        _ => Some(graph),
+    }
 }
 
 /// Finds `AADSTS<digits>` in an error description.
@@ -293,5 +320,164 @@ mod tests {
         });
         assert_eq!(e.class, ErrorClass::Transient);
         assert_eq!(e.retry_after, Some(std::time::Duration::from_secs(3)));
+        // Even when the throttling answer's body names a grant error and an AADSTS code.
+        let e = classify_microsoft(Failure::Status {
+            status: 429,
+            retry_after: Some(std::time::Duration::from_secs(5)),
+            body: Some(OAuthErrorBody {
+                error: Some("invalid_grant".into()),
+                error_description: None,
+                error_codes: Some(vec![70000]),
+            }),
+        });
+        assert_eq!(e.class, ErrorClass::Transient);
+        assert_eq!(e.provider_code.as_deref(), Some("AADSTS70000"));
+    }
+
+    /// The provider as the config loader builds it.
+    fn provider(fields: &str) -> std::sync::Arc<crate::provider::Provider> {
+        let text = format!(
+            r#"{{"providers": {{"ms": {{"type": "microsoft", "clientId": "c"{fields}}}}},
+                "accounts": {{"x": {{"user": "u", "provider": "ms", "refreshToken": "r"}}}}}}"#
+        );
+        let config = crate::config::parse(text.as_bytes(), std::path::Path::new("."))
+            .unwrap_or_else(|e| panic!("{fields}: {e:?}"));
+        match &config.account("x").map(|a| &a.kind) {
+            Some(crate::config::AccountKind::OAuth(o)) => o.default.provider.clone(),
+            _ => panic!("not an OAuth account"),
+        }
+    }
+
+    #[test]
+    fn default_token_url_follows_tenant_and_cloud() {
+        let url = |fields: &str| match &*provider(fields) {
+            crate::provider::Provider::Microsoft(m) => m.token_url.clone(),
+            other => panic!("{other:?}"),
+        };
+        let cases = [
+            (
+                "",
+                "https://login.microsoftonline.com/common/oauth2/v2.0/token",
+            ),
+            (
+                r#", "tenant": "organizations""#,
+                "https://login.microsoftonline.com/organizations/oauth2/v2.0/token",
+            ),
+            (
+                r#", "tenant": "consumers", "cloud": "global""#,
+                "https://login.microsoftonline.com/consumers/oauth2/v2.0/token",
+            ),
+            (
+                r#", "tenant": "72f988bf-86f1-41af-91ab-2d7cd011db47""#,
+                "https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/oauth2/v2.0/token",
+            ),
+            (
+                r#", "tenant": "contoso.onmicrosoft.us", "cloud": "gcc-high""#,
+                "https://login.microsoftonline.us/contoso.onmicrosoft.us/oauth2/v2.0/token",
+            ),
+            (
+                r#", "tenant": "army.onmicrosoft.us", "cloud": "dod""#,
+                "https://login.microsoftonline.us/army.onmicrosoft.us/oauth2/v2.0/token",
+            ),
+            (
+                r#", "tenant": "contoso.partner.onmschina.cn", "cloud": "china""#,
+                "https://login.chinacloudapi.cn/contoso.partner.onmschina.cn/oauth2/v2.0/token",
+            ),
+            // An explicit tokenUrl is used as given (tests, proxies).
+            (
+                r#", "tenant": "contoso.com", "cloud": "china", "tokenUrl": "http://127.0.0.1:9/t""#,
+                "http://127.0.0.1:9/t",
+            ),
+        ];
+        for (fields, want) in cases {
+            assert_eq!(url(fields), want, "{fields}");
+        }
+    }
+
+    #[test]
+    fn default_scopes_follow_the_cloud() {
+        let scopes = |fields: &str, grant, proto| provider(fields).default_scopes(grant, proto);
+        let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            scopes("", Grant::RefreshToken, None),
+            s(&[
+                "https://outlook.office.com/IMAP.AccessAsUser.All",
+                "https://outlook.office.com/SMTP.Send",
+                "offline_access"
+            ])
+        );
+        assert_eq!(
+            scopes(
+                r#", "cloud": "gcc-high""#,
+                Grant::RefreshToken,
+                Some(Proto::Smtp)
+            ),
+            s(&[
+                "https://outlook.office365.us/IMAP.AccessAsUser.All",
+                "https://outlook.office365.us/SMTP.Send",
+                "offline_access"
+            ])
+        );
+        assert_eq!(
+            scopes(
+                r#", "cloud": "china""#,
+                Grant::RefreshToken,
+                Some(Proto::Api)
+            ),
+            s(&[
+                "https://microsoftgraph.chinacloudapi.cn/.default",
+                "offline_access"
+            ])
+        );
+        assert_eq!(
+            scopes(
+                r#", "cloud": "dod", "tenant": "t.us""#,
+                Grant::ClientCredentials,
+                Some(Proto::Imap)
+            ),
+            s(&["https://outlook-dod.office365.us/.default"])
+        );
+    }
+
+    #[test]
+    fn outlook_and_graph_scopes_cannot_share_a_token() {
+        let m = Microsoft {
+            token_url: "https://login.microsoftonline.com/common/oauth2/v2.0/token".into(),
+            tenant: "common".into(),
+            cloud: Cloud::Global,
+            client_id: "c".into(),
+            client_secret: None,
+        };
+        let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(m
+            .check_scopes(
+                Grant::RefreshToken,
+                &s(&[
+                    "https://outlook.office.com/IMAP.AccessAsUser.All",
+                    "https://outlook.office.com/SMTP.Send",
+                    "offline_access"
+                ])
+            )
+            .is_ok());
+        assert!(m
+            .check_scopes(
+                Grant::RefreshToken,
+                &s(&[
+                    "Mail.Read",
+                    "https://graph.microsoft.com/Mail.Send",
+                    "offline_access"
+                ])
+            )
+            .is_ok());
+        let e = m
+            .check_scopes(
+                Grant::RefreshToken,
+                &s(&[
+                    "https://outlook.office.com/IMAP.AccessAsUser.All",
+                    "Mail.Send",
+                ]),
+            )
+            .unwrap_err();
+        assert!(e.contains("protocols.api"), "{e}");
     }
 }

@@ -129,7 +129,8 @@ pub enum Provider {
     /// Google user accounts (Gmail, Workspace) with refresh tokens.
     Google(google::Google),
     /// Google Workspace domain-wide delegation with a service-account key.
-    GoogleServiceAccount(google_service_account::ServiceAccount),
+    /// Boxed: the parsed RSA key makes it far larger than the other variants.
+    GoogleServiceAccount(Box<google_service_account::ServiceAccount>),
 }
 
 impl Provider {
@@ -146,9 +147,9 @@ impl Provider {
                 Provider::Microsoft(microsoft::Microsoft::from_config(value, path, secrets)?)
             }
             "google" => Provider::Google(google::Google::from_config(value, path, secrets)?),
-            "google-service-account" => Provider::GoogleServiceAccount(
+            "google-service-account" => Provider::GoogleServiceAccount(Box::new(
                 google_service_account::ServiceAccount::from_config(value, path, secrets)?,
-            ),
+            )),
             other => {
                 return Err(ConfigError::new(
                     format!("{path}.type"),
@@ -388,13 +389,15 @@ pub fn parse_token_response(body: &[u8]) -> Result<TokenGrant, ProviderError> {
         Some(Value::String(s)) if !s.is_empty() => Secret::new(s.as_str()),
         _ => return Err(invalid("token response has no access_token")),
     };
-    // Some servers send expires_in as a string; a nonsensical one counts as absent.
+    // Some servers send expires_in as a string; a nonsensical one counts as absent. Under
+    // a second is nonsensical too: such a token cannot be used, and planning refreshes
+    // for it would call the provider in a tight loop (1e-300 even rounds to zero).
     let expires_in = match obj.get("expires_in") {
         Some(Value::Number(n)) => n.as_f64(),
         Some(Value::String(s)) => s.trim().parse::<f64>().ok(),
         _ => None,
     }
-    .filter(|s| s.is_finite() && *s > 0.0 && *s < 1.0e9)
+    .filter(|s| s.is_finite() && *s >= 1.0 && *s < 1.0e9)
     .map(Duration::from_secs_f64);
     let refresh_token = match obj.get("refresh_token") {
         Some(Value::String(s)) if !s.is_empty() => Some(Secret::new(s.as_str())),

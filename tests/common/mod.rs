@@ -5,7 +5,6 @@
 #![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -17,6 +16,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
+#[allow(unused_imports)] // not every test file uses each of them
 pub use ee_auth_sidecar::{start, Options, Running};
 
 /// What the mock does with the next token requests.
@@ -72,7 +72,28 @@ pub struct Recorded {
     pub path: String,
     pub form: HashMap<String, String>,
     pub authorization: Option<String>,
+    pub content_type: Option<String>,
     pub at: Instant,
+}
+
+/// Checks a request the way a real provider would (its wire format). An `Err` is
+/// recorded in [`IdpState::violations`] and answered 400 `invalid_request`.
+#[derive(Clone)]
+pub struct Validator(pub Arc<WireCheck>);
+
+/// The function behind a [`Validator`].
+pub type WireCheck = dyn Fn(&Recorded) -> Result<(), String> + Send + Sync;
+
+impl std::fmt::Debug for Validator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Validator")
+    }
+}
+
+impl Validator {
+    pub fn new(f: impl Fn(&Recorded) -> Result<(), String> + Send + Sync + 'static) -> Self {
+        Validator(Arc::new(f))
+    }
 }
 
 /// The mock's state; tests read and change it through [`MockIdp`].
@@ -101,6 +122,18 @@ pub struct IdpState {
     pub inflight: u64,
     pub peak_inflight: u64,
     pub reuse_detected: u64,
+    /// Reuses forgiven by `reuse_grace` (a lost in-flight answer).
+    pub reuse_forgiven: u64,
+    /// Answer this fraction of otherwise healthy token requests with a bare 503.
+    pub transient_failure_rate: f64,
+    /// Pad access tokens to this many bytes (Microsoft JWTs are ~1.5–2.5 KB).
+    pub token_bytes: usize,
+    /// Wire-format checks; None accepts anything.
+    pub validator: Option<Validator>,
+    /// What the validator refused, in order.
+    pub violations: Vec<String>,
+    /// Access token -> index in `requests` of the request it was issued for.
+    pub issued_for: HashMap<String, usize>,
     counter: u64,
 }
 
@@ -114,7 +147,12 @@ pub struct MockIdp {
 impl MockIdp {
     /// Starts on 127.0.0.1:0, issuing 3600 s tokens.
     pub async fn start() -> MockIdp {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0").await
+    }
+
+    /// Starts on a given loopback address (the load-test example binary uses this).
+    pub async fn start_on(addr: &str) -> MockIdp {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(IdpState {
             lifetime: Some(3600.0),
@@ -132,6 +170,12 @@ impl MockIdp {
             inflight: 0,
             peak_inflight: 0,
             reuse_detected: 0,
+            reuse_forgiven: 0,
+            transient_failure_rate: 0.0,
+            token_bytes: 0,
+            validator: None,
+            violations: Vec::new(),
+            issued_for: HashMap::new(),
             counter: 0,
         }));
         let st = state.clone();
@@ -150,7 +194,15 @@ impl MockIdp {
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let st = st.clone();
-                        async move { Ok::<_, Infallible>(handle(st, req).await) }
+                        async move {
+                            // A keep-alive connection opened before a Reset fault dies
+                            // too, without an answer (hyper closes it on a service error).
+                            if st.lock().unwrap().fault == Fault::Reset {
+                                st.lock().unwrap().calls += 1;
+                                return Err(std::io::Error::other("reset by the mock"));
+                            }
+                            Ok(handle(st, req).await)
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -183,6 +235,25 @@ impl MockIdp {
 
     pub fn requests(&self) -> Vec<Recorded> {
         self.with(|s| s.requests.clone())
+    }
+
+    /// Installs wire-format checks for every following request.
+    pub fn set_validator(&self, v: Validator) {
+        self.with(|s| s.validator = Some(v));
+    }
+
+    /// What the validator refused so far.
+    pub fn violations(&self) -> Vec<String> {
+        self.with(|s| s.violations.clone())
+    }
+
+    /// The request an access token was issued for.
+    pub fn request_for(&self, token: &str) -> Option<Recorded> {
+        self.with(|s| {
+            s.issued_for
+                .get(token)
+                .and_then(|i| s.requests.get(*i).cloned())
+        })
     }
 
     /// Checks that an access token served to EmailEngine was issued here and is not
@@ -218,6 +289,11 @@ async fn handle(
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let content_type = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let body = req
         .into_body()
         .collect()
@@ -225,25 +301,45 @@ async fn handle(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let form: HashMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
-    let (fault, delay) = {
+    let (fault, delay, index, refused) = {
         let mut s = st.lock().unwrap();
         s.calls += 1;
         let grant = form.get("grant_type").cloned().unwrap_or_default();
         *s.calls_by_grant.entry(grant).or_default() += 1;
-        s.requests.push(Recorded {
+        let recorded = Recorded {
             path,
             form: form.clone(),
             authorization,
+            content_type,
             at: Instant::now(),
-        });
+        };
+        let refused = s.validator.as_ref().and_then(|v| (v.0)(&recorded).err());
+        if let Some(why) = &refused {
+            s.violations.push(why.clone());
+        }
+        s.requests.push(recorded);
         s.inflight += 1;
         s.peak_inflight = s.peak_inflight.max(s.inflight);
-        (s.fault.clone(), s.delay)
+        let mut fault = s.fault.clone();
+        if fault == Fault::None
+            && s.transient_failure_rate > 0.0
+            && fastrand::f64() < s.transient_failure_rate
+        {
+            fault = Fault::status(503, None);
+        }
+        (fault, s.delay, s.requests.len() - 1, refused)
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let resp = answer(&st, &form, fault).await;
+    let resp = match refused {
+        Some(why) => json(
+            400,
+            serde_json::json!({ "error": "invalid_request", "error_description": why }).to_string(),
+            None,
+        ),
+        None => answer(&st, &form, fault, index).await,
+    };
     st.lock().unwrap().inflight -= 1;
     resp
 }
@@ -252,6 +348,7 @@ async fn answer(
     st: &Arc<Mutex<IdpState>>,
     form: &HashMap<String, String>,
     fault: Fault,
+    index: usize,
 ) -> Response<Full<Bytes>> {
     match fault {
         Fault::Stall => {
@@ -315,14 +412,22 @@ async fn answer(
                 v.remove(&rt);
                 v.insert(next.clone());
             }
-            // Only the token superseded last is forgiven.
-            s.last_superseded.clear();
+            // Only the token superseded last in each chain (account) is forgiven:
+            // forget this chain's previous entry (the one whose successor was just
+            // spent); other accounts' entries stay.
+            s.last_superseded.retain(|_, (_, succ)| *succ != rt);
+            if forgiven {
+                s.reuse_forgiven += 1;
+            }
             s.last_superseded.insert(rt, (now, next.clone()));
             new_rt = Some(next);
         }
     }
     s.counter += 1;
-    let token = format!("at-{}-{}", s.counter, fastrand::u64(..));
+    let mut token = format!("at-{}-{}-", s.counter, fastrand::u64(..));
+    while token.len() < s.token_bytes {
+        token.push(fastrand::alphanumeric());
+    }
     let mut v = serde_json::json!({ "access_token": token, "token_type": "Bearer" });
     let lifetime = s.lifetime;
     if let Some(l) = lifetime {
@@ -337,6 +442,7 @@ async fn answer(
     }
     // Expiry as the provider sees it: from when it answers.
     let exp = Instant::now() + Duration::from_secs_f64(lifetime.unwrap_or(3600.0));
+    s.issued_for.insert(token.clone(), index);
     s.issued.insert(token, exp);
     json(200, v.to_string(), None)
 }

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Side-by-side load comparison (target P1) and process-level measurements (P5 memory, P7).
+#
+#   benches/load.sh [ACCOUNTS=1000] [ROUNDS=5] [DURATION=10s] [CONNECTIONS=32]
+#
+# Starts, all on 127.0.0.1: the mock identity provider (examples/mock_idp.rs, ~2 KB tokens
+# like Microsoft's JWTs), the release sidecar on a generated config with ACCOUNTS OAuth
+# accounts, pre-warmed, and the floor server (examples/floor.rs: bare hyper answering the
+# same body bytes). Then alternates wrk runs against the two ROUNDS times (same client,
+# same request mix: a random account per request, Basic credentials on every request) and
+# prints req/s, p50 and p99 for each and the ratio. Also prints start-to-ready without
+# pre-warm, idle RSS, RSS with ACCOUNTS warm tokens, and the stripped binary size.
+# Everything stops by itself; nothing leaves loopback.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ACCOUNTS=${1:-1000}
+ROUNDS=${2:-5}
+DURATION=${3:-10s}
+CONNECTIONS=${4:-32}
+TOKEN_BYTES=${TOKEN_BYTES:-2000}
+
+if ! command -v wrk >/dev/null; then
+  echo "installing wrk (Debian package)" >&2
+  (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null
+fi
+
+cargo build --release --locked --bin ee-auth-sidecar --example floor --example mock_idp 2>&1 | tail -1
+BIN=target/release/ee-auth-sidecar
+FLOOR=target/release/examples/floor
+MOCK=target/release/examples/mock_idp
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+wait_ready() { # url, timeout seconds
+  local deadline=$((SECONDS + $2))
+  until curl -fsS -o /dev/null "$1" 2>/dev/null; do
+    [ $SECONDS -lt $deadline ] || { echo "timed out waiting for $1" >&2; exit 1; }
+    sleep 0.05
+  done
+}
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
+MOCK_PORT=$(port); SIDE_PORT=$(port); FLOOR_PORT=$(port)
+"$MOCK" "127.0.0.1:$MOCK_PORT" 3600 "$TOKEN_BYTES" >"$work/mock.out" 2>"$work/mock.err" &
+pids+=($!)
+python3 - "$work/accounts.json" "$ACCOUNTS" "http://127.0.0.1:$MOCK_PORT/token" <<'PY'
+import json, sys
+path, n, url = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+cfg = {
+    "auth": {"username": "emailengine", "password": "load-test-password"},
+    "providers": {"idp": {"type": "oauth2", "tokenUrl": url, "clientId": "c", "clientSecret": "s"}},
+    "accounts": {f"acct-{i}": {"user": f"user{i}@example.com", "provider": "idp", "refreshToken": f"rt-{i}"} for i in range(n)},
+}
+json.dump(cfg, open(path, "w"))
+PY
+sleep 0.3
+
+# P7: start to ready without pre-warm, and idle RSS (no token fetched yet).
+start_ns=$(date +%s%N)
+"$BIN" serve --config "$work/accounts.json" --listen "127.0.0.1:$SIDE_PORT" --prewarm-concurrency 0 --log-level warn 2>"$work/cold.err" &
+cold=$!
+until curl -fsS -o /dev/null "http://127.0.0.1:$SIDE_PORT/readyz" 2>/dev/null; do sleep 0.001; done
+ready_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
+sleep 1
+idle_rss=$(rss_kb $cold)
+kill $cold; wait $cold 2>/dev/null || true
+
+# The measured sidecar: pre-warmed.
+"$BIN" serve --config "$work/accounts.json" --listen "127.0.0.1:$SIDE_PORT" --prewarm-concurrency 16 --prewarm-timeout 120s --log-level warn 2>"$work/sidecar.err" &
+side=$!; pids+=($side)
+wait_ready "http://127.0.0.1:$SIDE_PORT/readyz" 180
+warm_rss=$(rss_kb $side)
+AUTH="Basic $(printf 'emailengine:load-test-password' | base64 -w0)"
+curl -fsS -H "Authorization: $AUTH" "http://127.0.0.1:$SIDE_PORT/authentication?account=acct-0&proto=imap" >"$work/body.json"
+"$FLOOR" "127.0.0.1:$FLOOR_PORT" "$work/body.json" &
+pids+=($!)
+wait_ready "http://127.0.0.1:$FLOOR_PORT/" 10
+
+cat >"$work/mix.lua" <<LUA
+wrk.headers["Authorization"] = "$AUTH"
+local n = $ACCOUNTS
+request = function()
+  return wrk.format("GET", "/authentication?account=acct-" .. math.random(0, n - 1) .. "&proto=imap")
+end
+LUA
+
+run() { # name port -> "rps p50 p99"
+  local out
+  out=$(wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$work/mix.lua" "http://127.0.0.1:$2" 2>&1)
+  if echo "$out" | grep -q "Non-2xx"; then echo "$1: non-2xx answers" >&2; echo "$out" >&2; exit 1; fi
+  local rps p50 p99
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  p50=$(echo "$out" | awk '$1=="50%" {print $2}')
+  p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+  echo "$rps $p50 $p99"
+}
+
+echo "accounts=$ACCOUNTS token_bytes=$TOKEN_BYTES body_bytes=$(wc -c <"$work/body.json") rounds=$ROUNDS duration=$DURATION connections=$CONNECTIONS cores=$(nproc)"
+printf '%-6s %-8s %12s %10s %10s\n' round server req/s p50 p99
+side_sum=0; floor_sum=0
+for r in $(seq 1 "$ROUNDS"); do
+  read -r s_rps s_p50 s_p99 < <(run sidecar "$SIDE_PORT")
+  read -r f_rps f_p50 f_p99 < <(run floor "$FLOOR_PORT")
+  printf '%-6s %-8s %12s %10s %10s\n' "$r" sidecar "$s_rps" "$s_p50" "$s_p99"
+  printf '%-6s %-8s %12s %10s %10s\n' "$r" floor "$f_rps" "$f_p50" "$f_p99"
+  side_sum=$(python3 -c "print($side_sum + $s_rps)")
+  floor_sum=$(python3 -c "print($floor_sum + $f_rps)")
+done
+python3 -c "s=$side_sum/$ROUNDS; f=$floor_sum/$ROUNDS; print(f'mean req/s: sidecar {s:.0f}, floor {f:.0f}, ratio {s/f:.3f} (P1 target >= 0.90)')"
+
+strip_dir=$(mktemp -d); cp "$BIN" "$strip_dir/bin"; strip "$strip_dir/bin"
+size=$(stat -c %s "$strip_dir/bin"); rm -rf "$strip_dir"
+after_rss=$(rss_kb $side)
+echo "start-to-ready (no pre-warm): ${ready_ms} ms (P7 target <= 50 ms)"
+echo "idle RSS (no tokens): $((idle_rss / 1024)) MiB (P7 target <= 15 MB)"
+echo "RSS with $ACCOUNTS warm tokens: $((warm_rss / 1024)) MiB after warm-up, $((after_rss / 1024)) MiB after load"
+python3 -c "n=$ACCOUNTS; b=$TOKEN_BYTES; rss=$warm_rss*1024; budget=n*(b+1024); print(f'P5 memory: {rss/n:.0f} bytes/account resident (token {b} B); budget token+1KiB = {budget/1048576:.1f} MiB, rss {rss/1048576:.1f} MiB')"
+echo "stripped release binary: $((size / 1024)) KiB (P7 target <= 12 MB)"
+grep -q "calls=" "$work/mock.err" && tail -1 "$work/mock.err" || true
