@@ -110,6 +110,26 @@ fn hit_path(c: &mut Criterion) {
             )
         })
     });
+    let set = {
+        let cfg = sidecar.config();
+        match &cfg.account("acct-42").unwrap().kind {
+            ee_auth_sidecar::config::AccountKind::OAuth(o) => o.default.clone(),
+            _ => unreachable!(),
+        }
+    };
+    g.bench_function("cache_get", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(sidecar.cache().get(black_box(&set)).await.is_ok()) })
+    });
+    g.bench_function("metrics_request", |b| {
+        b.iter(|| {
+            sidecar.metrics().request(
+                Some(ee_auth_sidecar::protocol::Proto::Imap),
+                ee_auth_sidecar::metrics::Outcome::Hit,
+                black_box(Duration::from_nanos(700)),
+            )
+        })
+    });
     g.bench_function("parse_query", |b| {
         b.iter(|| black_box(parse_query(black_box(Some("account=acct-42&proto=imap")))))
     });

@@ -2,7 +2,7 @@
 //! with the same body bytes, on the same runtime as the sidecar. The load script compares
 //! the sidecar's cache-hit throughput against it (target P1 in BENCHMARKS.md).
 //!
-//! Usage: floor ADDR BODY_FILE
+//! Usage: floor ADDR BODY_FILE [WORKER_THREADS]  (default 1, like the sidecar)
 
 use std::convert::Infallible;
 
@@ -12,13 +12,28 @@ use hyper::service::service_fn;
 use hyper::{header, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let mut args = std::env::args().skip(1);
     let (Some(addr), Some(body_file)) = (args.next(), args.next()) else {
-        eprintln!("usage: floor ADDR BODY_FILE");
+        eprintln!("usage: floor ADDR BODY_FILE [WORKER_THREADS]");
         std::process::exit(2);
     };
+    let workers: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let runtime = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    }
+    .expect("a runtime");
+    runtime.block_on(serve(addr, body_file));
+}
+
+async fn serve(addr: String, body_file: String) {
     let body = Bytes::from(std::fs::read(&body_file).expect("readable body file"));
     let listener = tokio::net::TcpListener::bind(&addr)
         .await

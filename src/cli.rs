@@ -151,6 +151,9 @@ pub struct ServeArgs {
     /// Open connections at most.
     #[arg(long, default_value_t = 4096, env = "EE_AUTH_MAX_CONNECTIONS")]
     pub max_connections: usize,
+    /// Threads serving requests (1: a single-threaded runtime, the fastest here).
+    #[arg(long, default_value_t = 1, env = "EE_AUTH_WORKER_THREADS")]
+    pub worker_threads: usize,
     /// Request headers must arrive within this time; also closes idle keep-alive connections.
     #[arg(long, default_value = "30s", value_parser = duration, env = "EE_AUTH_HEADER_READ_TIMEOUT")]
     pub header_read_timeout: Duration,
@@ -191,6 +194,13 @@ impl ServeArgs {
         o.path = self.path;
         o.allow_remote = self.allow_remote;
         o.tls = self.tls_cert.zip(self.tls_key);
+        // A lifetime under a second would make the refresh schedule a tight loop.
+        if self.default_lifetime < Duration::from_secs(1) {
+            return Err(format!(
+                "--default-lifetime must be at least 1s, got {}",
+                humantime::format_duration(self.default_lifetime)
+            ));
+        }
         o.policy = Policy {
             min_ttl: self.min_ttl,
             margin_floor: self.refresh_margin,

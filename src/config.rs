@@ -101,6 +101,8 @@ pub struct Resolver {
     base_dir: PathBuf,
     digest: ring::digest::Context,
     files: Vec<PathBuf>,
+    /// Each secret file read and the SHA-256 of its bytes as read.
+    file_digests: Vec<(PathBuf, [u8; 32])>,
 }
 
 impl Resolver {
@@ -111,6 +113,7 @@ impl Resolver {
             base_dir,
             digest,
             files: Vec::new(),
+            file_digests: Vec::new(),
         }
     }
 
@@ -127,6 +130,8 @@ impl Resolver {
                         format!("cannot read secret file {}: {e}", full.display()),
                     )
                 })?;
+                self.file_digests
+                    .push((full.clone(), sha256(text.as_bytes())));
                 if text.ends_with('\n') {
                     text.pop();
                     if text.ends_with('\r') {
@@ -151,6 +156,12 @@ impl Resolver {
     }
 }
 
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
+}
+
 /// The largest secret file read (a service-account key is ~2.5 KB). A secret pointed at
 /// a device or a huge file by mistake must not hang or exhaust the loader.
 const MAX_SECRET_FILE_BYTES: u64 = 1024 * 1024;
@@ -170,15 +181,23 @@ fn read_secret_file(path: &Path) -> std::io::Result<String> {
 
 /// Deserializes `value` into `T`, reporting the failing field as a path under `path`.
 pub fn from_value<T: DeserializeOwned>(value: &Value, path: &str) -> Result<T, ConfigError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let inner = e.path().to_string();
-        let full = if inner == "." || inner.is_empty() {
-            path.to_owned()
-        } else {
-            format!("{path}.{inner}")
-        };
-        ConfigError::new(full, redact_strings(&e.into_inner().to_string()))
-    })
+    serde_path_to_error::deserialize(value).map_err(|e| path_error(e, path))
+}
+
+/// [`from_value`] for a value we own: moves its contents instead of copying them (the
+/// whole account map, at the top level).
+fn from_owned_value<T: DeserializeOwned>(value: Value, path: &str) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(value).map_err(|e| path_error(e, path))
+}
+
+fn path_error(e: serde_path_to_error::Error<serde_json::Error>, path: &str) -> ConfigError {
+    let inner = e.path().to_string();
+    let full = if inner == "." || inner.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}.{inner}")
+    };
+    ConfigError::new(full, redact_strings(&e.into_inner().to_string()))
 }
 
 /// Removes the quoted string values serde puts into its messages (`invalid type: string
@@ -212,12 +231,48 @@ fn redact_strings(message: &str) -> String {
 }
 
 /// Identifies one cached token: an account and one of its credential sets.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+///
+/// The hash is computed once, and equality checks pointers before bytes: a cache lookup
+/// then touches neither string (with thousands of accounts, each is a cache miss).
+#[derive(Clone, Debug)]
 pub struct CredentialKey {
     /// The EmailEngine account id.
     pub account: Arc<str>,
     /// `provider|grant|scopes`: protocols that resolve to the same set share one token.
     pub set: Arc<str>,
+    hash: u64,
+}
+
+impl CredentialKey {
+    /// A key for an account's credential set.
+    pub fn new(account: Arc<str>, set: Arc<str>) -> Self {
+        use std::hash::{Hash, Hasher};
+        // Fixed keys are fine: keys come from the operator's config, not from requests.
+        let mut h = std::hash::DefaultHasher::new();
+        account.hash(&mut h);
+        set.hash(&mut h);
+        CredentialKey {
+            account,
+            set,
+            hash: h.finish(),
+        }
+    }
+}
+
+impl PartialEq for CredentialKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash
+            && (Arc::ptr_eq(&self.account, &other.account) || self.account == other.account)
+            && (Arc::ptr_eq(&self.set, &other.set) || self.set == other.set)
+    }
+}
+
+impl Eq for CredentialKey {}
+
+impl std::hash::Hash for CredentialKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
 }
 
 impl fmt::Display for CredentialKey {
@@ -329,9 +384,27 @@ pub struct Config {
     pub secret_files: Vec<PathBuf>,
     /// Digest of the config text and every secret it resolved.
     pub fingerprint: [u8; 32],
+    /// SHA-256 of the config file's bytes, and of each secret file's, as they were read:
+    /// [`Config::files_unchanged`] compares them without parsing anything.
+    text_digest: [u8; 32],
+    secret_file_digests: Vec<(PathBuf, [u8; 32])>,
 }
 
 impl Config {
+    /// Whether the config file and every secret file still hold exactly the bytes this
+    /// config was built from. Reading and hashing is much cheaper than parsing, which
+    /// matters for the periodic re-read of a map of 100k accounts.
+    pub fn files_unchanged(&self, config_path: &Path) -> bool {
+        let same = |path: &Path, digest: &[u8; 32]| {
+            std::fs::read(path).is_ok_and(|bytes| sha256(&bytes) == *digest)
+        };
+        same(config_path, &self.text_digest)
+            && self
+                .secret_file_digests
+                .iter()
+                .all(|(path, digest)| same(path, digest))
+    }
+
     /// An account by id.
     pub fn account(&self, id: &str) -> Option<&Arc<Account>> {
         self.accounts.get(id)
@@ -478,7 +551,15 @@ pub fn parse(text: &[u8], base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
             "must be a JSON object",
         )]);
     }
-    let raw: RawTop = from_value(&value, "(top level)").map_err(|e| vec![e])?;
+    // serde_json keeps the last of two equal keys without a word: an account (or a
+    // secret) written twice would silently replace the first.
+    if let Some(path) = duplicate_key(text) {
+        return Err(vec![ConfigError::new(
+            path,
+            "appears twice in the same object; keep one",
+        )]);
+    }
+    let raw: RawTop = from_owned_value(value, "(top level)").map_err(|e| vec![e])?;
     let mut resolver = Resolver::new(base_dir.to_owned(), text);
     let mut errors = Vec::new();
 
@@ -552,7 +633,80 @@ pub fn parse(text: &[u8], base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
         providers: provider_types,
         secret_files,
         fingerprint,
+        text_digest: sha256(text),
+        secret_file_digests: resolver.file_digests,
     })
+}
+
+/// The dotted path of the first key that appears twice in one JSON object, if any.
+fn duplicate_key(text: &[u8]) -> Option<String> {
+    use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
+
+    /// Walks a JSON document, recording the first duplicate key; `.1` is the path here.
+    struct Walk<'a>(&'a mut Option<String>, String);
+
+    impl<'de> DeserializeSeed<'de> for Walk<'_> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Walk<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                let path = if self.1.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{}.{key}", self.1)
+                };
+                if !seen.insert(key) && self.0.is_none() {
+                    *self.0 = Some(path.clone());
+                }
+                map.next_value_seed(Walk(&mut *self.0, path))?;
+            }
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let mut i = 0;
+            while seq
+                .next_element_seed(Walk(&mut *self.0, format!("{}[{i}]", self.1)))?
+                .is_some()
+            {
+                i += 1;
+            }
+            Ok(())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+    }
+
+    let mut found = None;
+    let mut de = serde_json::Deserializer::from_slice(text);
+    // The text already parsed as JSON; an error here can only be one we do not care about.
+    let _ = Walk(&mut found, String::new()).deserialize(&mut de);
+    found
 }
 
 fn json_error_kind(e: &serde_json::Error) -> String {
@@ -683,8 +837,9 @@ fn build_account(
         return Err(vec![ConfigError::new(path, "must be an object")]);
     };
     let id: Arc<str> = Arc::from(ctx.id);
+    // The account's digest is built from what it resolves to (answer body, credential
+    // sets' digests), not by re-serializing its JSON: cheaper with 100k accounts.
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
-    digest.update(v.to_string().as_bytes());
     let fixed = |body: Result<Bytes, protocol::AnswerError>, field: &str| {
         body.map_err(|e| vec![ConfigError::new(format!("{path}.{field}"), e.to_string())])
     };
@@ -703,6 +858,7 @@ fn build_account(
         // The user first, so a bad `user` is reported at `user`, not at `pass`.
         check_user(&raw.user, path)?;
         let body = fixed(protocol::password_answer(&raw.user, &pass), "pass")?;
+        digest.update(&body);
         return Ok(Account {
             id,
             kind: AccountKind::Fixed(body),
@@ -717,6 +873,7 @@ fn build_account(
         digest.update(&token.digest());
         check_user(&raw.user, path)?;
         let body = fixed(protocol::token_answer(&raw.user, &token), "accessToken")?;
+        digest.update(&body);
         return Ok(Account {
             id,
             kind: AccountKind::Fixed(body),
@@ -824,10 +981,7 @@ fn build_account(
         let mut fingerprint = [0u8; 32];
         fingerprint.copy_from_slice(d.finish().as_ref());
         Ok(Arc::new(CredentialSet {
-            key: CredentialKey {
-                account: id.clone(),
-                set: Arc::from(set_id),
-            },
+            key: CredentialKey::new(id.clone(), Arc::from(set_id)),
             provider_name: Arc::from(provider_name.as_str()),
             provider: provider.clone(),
             grant,
@@ -855,14 +1009,26 @@ fn build_account(
         if ov.is_some() {
             explicit.push(proto);
         }
-        per_proto.push(build(
-            Some(proto),
-            ov,
-            match ov {
-                Some(_) => format!("{path}.protocols.{}", proto.as_str()),
-                None => path.to_owned(),
-            },
-        ));
+        // A protocol without an override whose default scopes are the account's default
+        // ones *is* the default set: share it instead of building a copy (load time and
+        // memory with 100k accounts; see BENCHMARKS.md, P5).
+        let same_as_default = match (&default, ov) {
+            (Ok(d), None) => {
+                d.scopes_explicit || d.provider.default_scopes(d.grant, Some(proto)) == d.scopes
+            }
+            _ => false,
+        };
+        per_proto.push(match &default {
+            Ok(d) if same_as_default => Ok(d.clone()),
+            _ => build(
+                Some(proto),
+                ov,
+                match ov {
+                    Some(_) => format!("{path}.protocols.{}", proto.as_str()),
+                    None => path.to_owned(),
+                },
+            ),
+        });
     }
     let default = default.map_err(|e| errors.push(e)).ok();
     let per_proto: Vec<_> = per_proto
@@ -885,6 +1051,12 @@ fn build_account(
     let (Some(default), Ok(per_proto)) = (default, <[_; 3]>::try_from(per_proto)) else {
         return Err(vec![ConfigError::new(path, "invalid account")]);
     };
+    for set in std::iter::once(&default).chain(per_proto.iter()) {
+        digest.update(&set.fingerprint);
+    }
+    for p in &explicit {
+        digest.update(p.as_str().as_bytes());
+    }
     Ok(Account {
         id,
         kind: AccountKind::OAuth(OAuthAccount {

@@ -8,7 +8,7 @@
 //! account map flows in through [`config`] and one `ArcSwap` in [`sidecar`], replaced by
 //! [`reload`]. Rotated refresh tokens are kept durable by [`state`].
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod cache;

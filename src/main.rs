@@ -25,17 +25,44 @@ fn init_logging(log: &LogArgs) {
     }
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let cli = Cli::parse();
     init_logging(&cli.log);
-    let code = match cli.command {
-        Some(Command::Check { config }) => cli::check(&config),
-        Some(Command::Token(args)) => cli::token(&args).await,
-        Some(Command::Probe { url, timeout }) => cli::probe(&url, timeout).await,
-        Some(Command::Serve(args)) => serve(*args).await,
-        None => serve(cli.serve).await,
+    let workers = match &cli.command {
+        Some(Command::Serve(args)) => args.worker_threads,
+        None => cli.serve.worker_threads,
+        Some(_) => 1,
     };
+    // One thread by default: a request is a few microseconds of work, the pod's CPU
+    // belongs to EmailEngine, and a single-threaded runtime has no cross-core contention
+    // on the cache and the counters (BENCHMARKS.md, P1). Blocking work (config parsing,
+    // fsync) runs on tokio's blocking pool either way.
+    let runtime = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(async {
+        match cli.command {
+            Some(Command::Check { config }) => cli::check(&config),
+            Some(Command::Token(args)) => cli::token(&args).await,
+            Some(Command::Probe { url, timeout }) => cli::probe(&url, timeout).await,
+            Some(Command::Serve(args)) => serve(*args).await,
+            None => serve(cli.serve).await,
+        }
+    });
     std::process::exit(code);
 }
 

@@ -50,9 +50,9 @@ impl Proto {
 
 /// What a token request asks for.
 #[derive(Debug, PartialEq, Eq)]
-pub struct TokenQuery {
-    /// The EmailEngine account id.
-    pub account: String,
+pub struct TokenQuery<'a> {
+    /// The EmailEngine account id (borrowed from the query unless it had to be decoded).
+    pub account: std::borrow::Cow<'a, str>,
     /// The protocol; `None` when EmailEngine (older versions) sent no `proto`: "any protocol".
     pub proto: Option<Proto>,
 }
@@ -79,8 +79,8 @@ pub enum QueryError {
 
 /// Parses `account` and `proto` from a query string, as EmailEngine form-encodes them
 /// (`+` is a space). Other parameters are ignored: the configured URL may carry its own.
-pub fn parse_query(query: Option<&str>) -> Result<TokenQuery, QueryError> {
-    let mut account: Option<String> = None;
+pub fn parse_query(query: Option<&str>) -> Result<TokenQuery<'_>, QueryError> {
+    let mut account: Option<std::borrow::Cow<'_, str>> = None;
     let mut proto: Option<Option<Proto>> = None;
     for pair in query.unwrap_or("").split('&') {
         let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -116,13 +116,19 @@ pub fn parse_query(query: Option<&str>) -> Result<TokenQuery, QueryError> {
 }
 
 /// Decodes one form-encoded value strictly: invalid UTF-8 is an error, not a U+FFFD.
-fn decode_component(raw: &str, name: &'static str) -> Result<String, QueryError> {
+/// Borrows when there is nothing to decode (the usual account id).
+fn decode_component<'a>(
+    raw: &'a str,
+    name: &'static str,
+) -> Result<std::borrow::Cow<'a, str>, QueryError> {
     if !raw.contains(['%', '+']) {
-        return Ok(raw.to_owned());
+        return Ok(std::borrow::Cow::Borrowed(raw));
     }
     let plus_decoded = raw.replace('+', " ");
     let bytes: Vec<u8> = percent_decode_str(&plus_decoded).collect();
-    String::from_utf8(bytes).map_err(|_| QueryError::InvalidEncoding(name))
+    String::from_utf8(bytes)
+        .map(std::borrow::Cow::Owned)
+        .map_err(|_| QueryError::InvalidEncoding(name))
 }
 
 /// Basic credentials the sidecar accepts, compared byte for byte in constant time.
@@ -135,6 +141,9 @@ fn decode_component(raw: &str, name: &'static str) -> Result<String, QueryError>
 pub struct BasicCredentials {
     /// Each accepted `user:password`, the decoded form of the header's base64 payload.
     expected: Vec<Vec<u8>>,
+    /// Each accepted pair as the exact header EmailEngine sends (`Basic <base64>`): the
+    /// hot path compares these without decoding or allocating.
+    headers: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for BasicCredentials {
@@ -154,21 +163,43 @@ impl BasicCredentials {
         expected.extend_from_slice(username.as_bytes());
         expected.push(b':');
         expected.extend_from_slice(password.expose().as_bytes());
+        let header = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(&expected)
+        )
+        .into_bytes();
         BasicCredentials {
             expected: vec![expected],
+            headers: vec![header],
         }
     }
 
     /// Accepts any of several pairs (during a rotation: the old and the new).
     pub fn any_of(pairs: impl IntoIterator<Item = BasicCredentials>) -> Self {
-        BasicCredentials {
-            expected: pairs.into_iter().flat_map(|p| p.expected).collect(),
+        let (mut expected, mut headers) = (Vec::new(), Vec::new());
+        for p in pairs {
+            expected.extend(p.expected);
+            headers.extend(p.headers);
         }
+        BasicCredentials { expected, headers }
     }
 
     /// Whether an `Authorization` header value carries one of the accepted pairs.
     pub fn matches(&self, header: Option<&[u8]>) -> bool {
-        let Some(presented) = header.and_then(decode_basic) else {
+        let Some(header) = header else {
+            return false;
+        };
+        // Fast path: the canonical form, compared in constant time against every pair.
+        let canonical: bool = self
+            .headers
+            .iter()
+            .fold(subtle::Choice::from(0), |acc, h| acc | header.ct_eq(h))
+            .into();
+        if canonical {
+            return true;
+        }
+        // Other spellings (`basic`, extra spaces) are decoded and compared the same way.
+        let Some(presented) = decode_basic(header) else {
             return false;
         };
         // Every pair is compared (no early exit), each in constant time; ct_eq on slices of

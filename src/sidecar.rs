@@ -16,7 +16,9 @@ use tokio::task::JoinHandle;
 
 use crate::cache::schedule::Policy;
 use crate::cache::TokenCache;
-use crate::config::{self, AccountKind, Config, ConfigError, ConfigErrors, CredentialSet};
+use crate::config::{
+    self, AccountKind, Config, ConfigError, ConfigErrors, CredentialKey, CredentialSet,
+};
 use crate::metrics::{Metrics, Snapshot};
 use crate::state::TokenStore;
 use crate::upstream::{http_client, Upstream};
@@ -253,14 +255,31 @@ impl Sidecar {
     /// the differences to the cache. An invalid config changes nothing.
     pub async fn reload(self: &Arc<Self>) -> Result<bool, ConfigErrors> {
         let path = self.options.config_path.clone();
-        let loaded = tokio::task::spawn_blocking(move || config::load(&path))
-            .await
-            .unwrap_or_else(|e| {
-                Err(ConfigErrors {
-                    file: self.options.config_path.clone(),
-                    errors: vec![ConfigError::new("(file)", format!("loader failed: {e}"))],
-                })
-            });
+        // Files byte-for-byte as the config in use was built from them: nothing to parse.
+        // Only when the last attempt succeeded; a broken file is re-parsed (and its error
+        // deduplicated) until it is fixed.
+        let current = self.config.load_full();
+        let last_failed = self
+            .reload_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_error
+            .is_some();
+        let loaded = tokio::task::spawn_blocking(move || {
+            if !last_failed && current.files_unchanged(&path) {
+                return None;
+            }
+            Some(config::load(&path))
+        })
+        .await;
+        let loaded = match loaded {
+            Ok(None) => return Ok(false),
+            Ok(Some(loaded)) => loaded,
+            Err(e) => Err(ConfigErrors {
+                file: self.options.config_path.clone(),
+                errors: vec![ConfigError::new("(file)", format!("loader failed: {e}"))],
+            }),
+        };
         let new = loaded.and_then(|c| {
             if c.fingerprint == self.config.load().fingerprint {
                 return Ok(None);
@@ -292,7 +311,7 @@ impl Sidecar {
                     st.last_error = None;
                     st.last_error_at = None;
                 }
-                self.apply_diff(&old, &new).await;
+                self.apply_diff(old, &new).await;
                 Ok(true)
             }
             Err(errors) => {
@@ -315,77 +334,68 @@ impl Sidecar {
     /// Brings the cache in line with a new config: removed keys go at once, changed ones
     /// are refetched, new accounts are warmed in the background; unchanged keys keep
     /// their tokens and cause no upstream call.
-    async fn apply_diff(self: &Arc<Self>, old: &Config, new: &Config) {
-        let old_sets: HashMap<_, _> = old
-            .credential_sets()
-            .map(|s| (s.key.clone(), s.fingerprint))
-            .collect();
-        let new_sets: HashMap<_, _> = new
-            .credential_sets()
-            .map(|s| (s.key.clone(), s.clone()))
-            .collect();
-        let (mut removed, mut changed) = (0usize, 0usize);
-        for key in old_sets.keys().filter(|k| !new_sets.contains_key(*k)) {
-            self.cache.remove(key).await;
-            removed += 1;
-        }
-        for (key, set) in &new_sets {
-            if old_sets.get(key).is_some_and(|fp| *fp != set.fingerprint) {
-                self.cache.replace(set).await;
-                changed += 1;
-            }
-        }
-        // Keys may have been activated under a set that this config dropped (e.g. via a
-        // request that raced the swap): drop those too, now and once more a moment later,
-        // for a request that loaded the old map just before the swap and reaches the
-        // cache only after this diff.
-        self.drop_unconfigured_keys().await;
+    async fn apply_diff(self: &Arc<Self>, old: Arc<Config>, new: &Arc<Config>) {
+        // Working out the differences walks every account: with 100k of them that is
+        // milliseconds of CPU, kept off the thread that serves requests.
+        let new_c = new.clone();
+        let diff = match tokio::task::spawn_blocking(move || {
+            let diff = Diff::between(&old, &new_c);
+            drop(old);
+            release_freed_memory();
+            diff
+        })
+        .await
         {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "config diff failed; dropping every cached token");
+                Diff::everything(new)
+            }
+        };
+        for key in &diff.removed {
+            self.cache.remove(key).await;
+        }
+        for set in &diff.changed {
+            self.cache.replace(set).await;
+        }
+        // A request that loaded the old map just before the swap may reach the cache only
+        // after this diff and bring a removed key back: remove those once more, shortly.
+        if !diff.removed.is_empty() {
             let this = Arc::downgrade(self);
+            let removed = diff.removed.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 if let Some(this) = this.upgrade() {
-                    this.drop_unconfigured_keys().await;
+                    this.drop_unconfigured(&removed).await;
                 }
             });
         }
-        let added: Vec<Arc<CredentialSet>> = new
-            .accounts
-            .values()
-            .filter(|a| {
-                old.accounts
-                    .get(&a.id)
-                    .is_none_or(|o| o.fingerprint != a.fingerprint)
-            })
-            .flat_map(|a| match &a.kind {
-                AccountKind::OAuth(o) => o.warm_sets().into_iter().cloned().collect(),
-                AccountKind::Fixed(_) => Vec::new(),
-            })
-            .collect();
         tracing::info!(
             accounts = new.accounts.len(),
-            removed_sets = removed,
-            changed_sets = changed,
-            warming_sets = added.len(),
+            removed_sets = diff.removed.len(),
+            changed_sets = diff.changed.len(),
+            warming_sets = diff.added.len(),
             "config reloaded"
         );
-        if !added.is_empty() {
+        if !diff.added.is_empty() {
             let this = self.clone();
-            tokio::spawn(async move { this.warm_all(added).await });
+            tokio::spawn(async move { this.warm_all(diff.added).await });
         }
     }
 
-    /// Forgets cache keys that the config in use does not define.
-    async fn drop_unconfigured_keys(&self) {
-        let configured: std::collections::HashSet<_> = self
-            .config()
-            .credential_sets()
-            .map(|s| s.key.clone())
-            .collect();
-        for key in self.cache.keys() {
-            if !configured.contains(&key) {
-                self.cache.remove(&key).await;
-            }
+    /// Forgets those of `keys` that the config in use does not define.
+    async fn drop_unconfigured(&self, keys: &[CredentialKey]) {
+        let stale: Vec<&CredentialKey> = {
+            let config = self.config();
+            keys.iter()
+                .filter(|key| match config.account(&key.account).map(|a| &a.kind) {
+                    Some(AccountKind::OAuth(o)) => !o.sets().iter().any(|s| s.key == **key),
+                    _ => true,
+                })
+                .collect()
+        };
+        for key in stale {
+            self.cache.remove(key).await;
         }
     }
 
@@ -404,6 +414,84 @@ impl Sidecar {
             .buffer_unordered(n)
             .for_each(|_| async {})
             .await;
+    }
+}
+
+/// Hands memory freed after a config load back to the OS. Parsing a big map makes many
+/// short-lived allocations, and glibc otherwise keeps the freed pages: the process would
+/// sit at its peak size (hundreds of MB with 100k accounts) for good.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn release_freed_memory() {
+    // SAFETY: malloc_trim takes no pointers from us; it only walks glibc's own heap
+    // bookkeeping, under glibc's locks, and is safe to call from any thread.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_freed_memory() {}
+
+/// What a reload changes in the cache.
+struct Diff {
+    /// Keys the new config no longer has.
+    removed: Vec<CredentialKey>,
+    /// Keys whose credentials changed.
+    changed: Vec<Arc<CredentialSet>>,
+    /// Sets of new or changed accounts to fetch before anyone asks.
+    added: Vec<Arc<CredentialSet>>,
+}
+
+impl Diff {
+    /// Account by account: an account's digest covers all its credential sets, so an
+    /// unchanged one (nearly all of a big map) costs one hash lookup. The old config is
+    /// dropped here too, off the serving thread (freeing a big map takes a while).
+    fn between(old: &Config, new: &Config) -> Diff {
+        let mut diff = Diff {
+            removed: Vec::new(),
+            changed: Vec::new(),
+            added: Vec::new(),
+        };
+        for (id, old_account) in &old.accounts {
+            let new_account = new.accounts.get(id);
+            if new_account.is_some_and(|n| n.fingerprint == old_account.fingerprint) {
+                continue;
+            }
+            let AccountKind::OAuth(old_oauth) = &old_account.kind else {
+                continue;
+            };
+            let new_sets = match new_account.map(|a| &a.kind) {
+                Some(AccountKind::OAuth(n)) => n.sets(),
+                _ => Vec::new(),
+            };
+            for set in old_oauth.sets() {
+                match new_sets.iter().find(|n| n.key == set.key) {
+                    None => diff.removed.push(set.key.clone()),
+                    Some(n) if n.fingerprint != set.fingerprint => diff.changed.push((*n).clone()),
+                    Some(_) => {}
+                }
+            }
+        }
+        for account in new.accounts.values() {
+            let unchanged = old
+                .accounts
+                .get(&account.id)
+                .is_some_and(|o| o.fingerprint == account.fingerprint);
+            if let (false, AccountKind::OAuth(o)) = (unchanged, &account.kind) {
+                diff.added.extend(o.warm_sets().into_iter().cloned());
+            }
+        }
+        diff
+    }
+
+    /// The fallback when the diff could not be computed: treat every set as changed.
+    fn everything(new: &Config) -> Diff {
+        Diff {
+            removed: Vec::new(),
+            changed: new.credential_sets().cloned().collect(),
+            added: Vec::new(),
+        }
     }
 }
 
@@ -457,6 +545,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 /// Loads the config, binds, and starts serving, pre-warming and watching the config.
 pub async fn start(options: Options) -> Result<Running, StartError> {
     let config = config::load(&options.config_path)?;
+    release_freed_memory();
     check_listen(&options, &config).map_err(StartError::Listen)?;
     let tls = match &options.tls {
         Some((cert, key)) => Some(crate::server::tls_acceptor(cert, key).map_err(StartError::Tls)?),
@@ -539,6 +628,10 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "pre-warm finished"
                     );
+                    // Thousands of inserts leave moka housekeeping behind, and thousands
+                    // of fetches freed buffers: settle both before traffic starts.
+                    sidecar.cache.run_pending_tasks().await;
+                    let _ = tokio::task::spawn_blocking(release_freed_memory).await;
                 }
             }
             sidecar.ready.store(true, Ordering::Release);

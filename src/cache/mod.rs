@@ -608,6 +608,12 @@ impl TokenCache {
             .collect()
     }
 
+    /// Runs moka's pending housekeeping now (after a mass insert such as pre-warm), so
+    /// that the first requests do not pay for it.
+    pub async fn run_pending_tasks(&self) {
+        self.tokens.run_pending_tasks().await;
+    }
+
     /// Keys currently tracked.
     pub fn keys(&self) -> Vec<CredentialKey> {
         self.lock().keys().cloned().collect()
