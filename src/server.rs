@@ -317,10 +317,9 @@ async fn admin(
             // The sets in use (tracked by the cache) and the ones pre-warm keeps fresh; a
             // set nobody asked for (say the Graph set of an IMAP-only account) is left
             // alone, as it would be in normal operation.
-            let tracked = sidecar.cache().keys();
             let mut sets: Vec<&Arc<CredentialSet>> = o.warm_sets();
             for set in o.sets() {
-                if tracked.contains(&set.key) && !sets.iter().any(|s| s.key == set.key) {
+                if sidecar.cache().is_tracked(&set.key) && !sets.iter().any(|s| s.key == set.key) {
                     sets.push(set);
                 }
             }

@@ -593,7 +593,7 @@ impl TokenCache {
     /// Replaces a key's credentials: drops the old token and fetches anew in the
     /// background if the key was in use.
     pub async fn replace(self: &Arc<Self>, set: &Arc<CredentialSet>) {
-        let in_use = self.lock().contains_key(&set.key);
+        let in_use = self.is_tracked(&set.key);
         self.tokens.invalidate(&set.key).await;
         if in_use {
             self.warm(set);
@@ -612,6 +612,11 @@ impl TokenCache {
     /// that the first requests do not pay for it.
     pub async fn run_pending_tasks(&self) {
         self.tokens.run_pending_tasks().await;
+    }
+
+    /// Whether the cache tracks `key` (it was fetched or requested under these credentials).
+    pub fn is_tracked(&self, key: &CredentialKey) -> bool {
+        self.lock().contains_key(key)
     }
 
     /// Keys currently tracked.
