@@ -575,7 +575,7 @@ pub fn parse(text: &[u8], base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
     let mut providers: HashMap<String, (Arc<Provider>, [u8; 32])> = HashMap::new();
     let mut provider_types = BTreeMap::new();
     for (name, v) in &raw.providers {
-        let path = format!("providers.{name}");
+        let path = key_path("providers", name);
         if name.is_empty() || name.contains('|') {
             errors.push(ConfigError::new(
                 &path,
@@ -599,7 +599,7 @@ pub fn parse(text: &[u8], base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
 
     let mut accounts = HashMap::new();
     for (id, v) in &raw.accounts {
-        let path = format!("accounts.{id}");
+        let path = key_path("accounts", id);
         if id.is_empty() {
             errors.push(ConfigError::new(&path, "account id must not be empty"));
             continue;
@@ -638,6 +638,25 @@ pub fn parse(text: &[u8], base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
     })
 }
 
+/// `parent.key`, or `parent["key"]` when the key would not read back as one segment
+/// (empty, or holding a dot, bracket, quote, space or control character): an error must
+/// name a place a reader can find, even for a key like `""`.
+fn key_path(parent: &str, key: &str) -> String {
+    let plain = !key.is_empty()
+        && !key.chars().any(|c| {
+            matches!(c, '.' | '[' | ']' | '"' | '\\') || c.is_whitespace() || c.is_control()
+        });
+    match (plain, parent.is_empty()) {
+        (true, true) => key.to_owned(),
+        (true, false) => format!("{parent}.{key}"),
+        // serde_json quotes and escapes the key exactly as JSON would.
+        (false, _) => format!(
+            "{parent}[{}]",
+            serde_json::to_string(key).unwrap_or_else(|_| String::from("\"?\""))
+        ),
+    }
+}
+
 /// The dotted path of the first key that appears twice in one JSON object, if any.
 fn duplicate_key(text: &[u8]) -> Option<String> {
     use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
@@ -660,11 +679,7 @@ fn duplicate_key(text: &[u8]) -> Option<String> {
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
             let mut seen = std::collections::HashSet::new();
             while let Some(key) = map.next_key::<String>()? {
-                let path = if self.1.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{}.{key}", self.1)
-                };
+                let path = key_path(&self.1, &key);
                 if !seen.insert(key) && self.0.is_none() {
                     *self.0 = Some(path.clone());
                 }

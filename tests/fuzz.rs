@@ -4,10 +4,15 @@
 //! `fuzz/corpus/<target>/` and random mutations of it (bit flips, byte and dictionary
 //! insertions, deletions, duplications, splices), without coverage feedback.
 //!
-//! Each target runs for `FUZZ_SECS` seconds (default 8; CI runs the four in parallel on
-//! two threads, ~16 s of wall time). `FUZZ_SEED` replays a run. A failing input is
-//! written to `target/fuzz-failures/` and printed. The coverage-guided run with
-//! sanitizers is `RUSTC_BOOTSTRAP=1 cargo fuzz run <target>` (fuzz/README.md).
+//! By default each target replays a fixed, per-target seed for `FUZZ_RUNS` inputs (default
+//! 500 000) or `FUZZ_SECS` seconds (default 8), whichever ends first: the test suite must
+//! give the same verdict on every run, so a slower machine sees a prefix of the same
+//! inputs, never different ones. `FUZZ_SEED=<n>` picks another seed and `FUZZ_SEED=random`
+//! a fresh one per run (exploration: `FUZZ_SEED=random FUZZ_SECS=300 FUZZ_RUNS=0 cargo
+//! test --test fuzz`, where `FUZZ_RUNS=0` lifts the count limit). A failing input is
+//! written to `target/fuzz-failures/` and printed; once fixed, it joins the seed corpus.
+//! The coverage-guided run with sanitizers is `RUSTC_BOOTSTRAP=1 cargo fuzz run <target>`
+//! (fuzz/README.md).
 
 #[path = "../fuzz/checks.rs"]
 mod checks;
@@ -93,10 +98,24 @@ fn fuzz(target: &str, check: fn(&[u8]), dict: &[&[u8]]) {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(8);
-    let seed: u64 = std::env::var("FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| fastrand::u64(..));
+    let runs: u64 = match std::env::var("FUZZ_RUNS") {
+        Ok(s) => match s.parse() {
+            Ok(0) => u64::MAX,
+            Ok(n) => n,
+            Err(_) => panic!("FUZZ_RUNS={s:?}: not a number"),
+        },
+        Err(_) => 500_000,
+    };
+    let seed: u64 = match std::env::var("FUZZ_SEED") {
+        Ok(s) if s == "random" => fastrand::u64(..),
+        Ok(s) => s
+            .parse()
+            .unwrap_or_else(|_| panic!("FUZZ_SEED={s:?}: not a number or `random`")),
+        // A fixed seed per target (FNV-1a of its name): the default run is reproducible.
+        Err(_) => target.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        }),
+    };
     let seeds = corpus(target);
     let mut rng = fastrand::Rng::with_seed(seed);
     let run = |data: &[u8]| {
@@ -120,15 +139,16 @@ fn fuzz(target: &str, check: fn(&[u8]), dict: &[&[u8]]) {
     }
     let started = Instant::now();
     let mut n = 0u64;
-    while started.elapsed() < Duration::from_secs(secs) {
+    while n < runs && started.elapsed() < Duration::from_secs(secs) {
         for _ in 0..64 {
             run(&mutate(&mut rng, &seeds, dict));
             n += 1;
         }
     }
     eprintln!(
-        "{target}: {} seeds, {n} mutated inputs in {secs} s, FUZZ_SEED={seed}: no failure",
-        seeds.len()
+        "{target}: {} seeds, {n} mutated inputs in {:.1} s, FUZZ_SEED={seed}: no failure",
+        seeds.len(),
+        started.elapsed().as_secs_f64()
     );
 }
 

@@ -634,7 +634,11 @@ fn malformed_configs() -> Vec<(&'static str, String, &'static str)> {
         ("protocol override names an unknown provider", with_account(r#"{"user": "u", "provider": "idp", "refreshToken": "r", "protocols": {"api": {"provider": "nope"}}}"#), "accounts.a.protocols.api.provider"),
         ("protocol override with a bad scope", with_account(r#"{"user": "u", "provider": "idp", "refreshToken": "r", "protocols": {"smtp": {"scopes": ["x y"]}}}"#), "accounts.a.protocols.smtp.scopes"),
         ("unknown account field", with_account(r#"{"user": "u", "provider": "idp", "refreshToken": "r", "tenant": "x"}"#), "accounts.a.tenant"),
-        ("empty account id", format!(r#"{{"providers": {{{idp}}}, "accounts": {{"": {{"user": "u", "pass": "p"}}}}}}"#), "accounts."),
+        ("empty account id", format!(r#"{{"providers": {{{idp}}}, "accounts": {{"": {{"user": "u", "pass": "p"}}}}}}"#), r#"accounts[""]"#),
+        // Duplicate keys: the path must find the key even when it is empty or dotted.
+        ("empty key twice at the top", r#"{"": 1, "": 2}"#.into(), r#"[""]"#),
+        ("dotted account id twice", format!(r#"{{"providers": {{{idp}}}, "accounts": {{"a.b": {{"user": "u", "pass": "p"}}, "a.b": {{"user": "u", "pass": "p"}}}}}}"#), r#"accounts["a.b"]"#),
+        ("account field twice", with_account(r#"{"user": "u", "pass": "p", "pass": "q"}"#), "accounts.a.pass"),
         // Providers.
         ("provider is a string", with_provider(r#""oauth2""#), "providers.p"),
         ("provider without type", with_provider(r#"{"tokenUrl": "http://127.0.0.1/t", "clientId": "c"}"#), "providers.p.type"),
