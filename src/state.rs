@@ -132,7 +132,7 @@ impl TokenStore {
         self.dir.is_some()
     }
 
-    /// How many accounts have a stored token.
+    /// How many accounts have a rotated token (persisted or in memory).
     pub fn len(&self) -> usize {
         self.lock().len()
     }
@@ -155,17 +155,15 @@ impl TokenStore {
         let mut records = self.lock();
         match records.get(account) {
             Some(r) if r.origin == origin => (r.token.clone(), origin),
-            _ => {
-                // No rotation yet, or the operator put a new token in the config.
-                records.insert(
-                    account.clone(),
-                    Record {
-                        origin,
-                        token: config_token.clone(),
-                    },
-                );
+            Some(_) => {
+                // The operator put a new token in the config: it wins over the rotated
+                // descendant of the old one.
+                records.remove(account);
                 (config_token.clone(), origin)
             }
+            // No rotation yet: the config's token, with no record (a record per account
+            // would cost memory on maps where nothing rotates).
+            None => (config_token.clone(), origin),
         }
     }
 

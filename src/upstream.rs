@@ -19,7 +19,7 @@ pub struct Upstream {
     store: Arc<TokenStore>,
     provider_cap: usize,
     caps: Mutex<HashMap<Arc<str>, Arc<Semaphore>>>,
-    account_locks: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
+    account_locks: Mutex<HashMap<Arc<str>, AccountLock>>,
     metrics: Arc<Metrics>,
 }
 
@@ -61,9 +61,28 @@ impl Upstream {
             .clone()
     }
 
-    fn account_lock(&self, account: &Arc<str>) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.account_locks.lock().unwrap_or_else(|p| p.into_inner());
-        locks.entry(account.clone()).or_default().clone()
+    fn account_locks(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, AccountLock>> {
+        self.account_locks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn account_lock(&self, account: &Arc<str>) -> AccountLock {
+        self.account_locks()
+            .entry(account.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Drops the account's lock from the map once nobody holds or waits for it: locks
+    /// exist only while a refresh is under way, not one per account forever. Every clone
+    /// is made under the map's lock, so a count of 1 (the map's own) cannot race a taker.
+    fn release_account_lock(&self, account: &Arc<str>) {
+        let mut locks = self.account_locks();
+        if locks
+            .get(account)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            locks.remove(account);
+        }
     }
 
     /// Fetches one token for `set`.
@@ -78,10 +97,24 @@ impl Upstream {
     /// without losing the time spent waiting for the account lock or the provider cap.
     pub async fn fetch(&self, set: &CredentialSet) -> Result<(TokenGrant, SentAt), ProviderError> {
         let account = &set.key.account;
-        let _account_guard = match set.grant {
+        let account_guard = match set.grant {
             Grant::RefreshToken => Some(self.account_lock(account).lock_owned().await),
             _ => None,
         };
+        let result = self.fetch_locked(set).await;
+        if account_guard.is_some() {
+            drop(account_guard);
+            self.release_account_lock(account);
+        }
+        result
+    }
+
+    /// [`Upstream::fetch`] once the account's lock (if its grant needs one) is held.
+    async fn fetch_locked(
+        &self,
+        set: &CredentialSet,
+    ) -> Result<(TokenGrant, SentAt), ProviderError> {
+        let account = &set.key.account;
         let spend = set
             .refresh_token
             .as_ref()
@@ -120,6 +153,9 @@ impl Upstream {
         Ok((grant, sent_at))
     }
 }
+
+/// Serializes refresh-token spends of one account.
+type AccountLock = Arc<tokio::sync::Mutex<()>>;
 
 /// When a token request was sent, on the monotonic and the wall clock.
 #[derive(Clone, Copy, Debug)]

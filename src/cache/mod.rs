@@ -8,16 +8,18 @@
 //! Everything that coordinates fetches lives in one `std::sync::Mutex<HashMap>` of key
 //! records, touched only on misses, refreshes and failures, and never held across an
 //! await. Each fetch runs in its own task, so a client hanging up cannot cancel it.
+//! Background refreshes are due dates in one ordered queue, watched by one task: a
+//! sleeping task per key would cost ~400 bytes each, more than the rest of its record.
 
 pub mod schedule;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
-use tokio::task::AbortHandle;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::{CredentialKey, CredentialSet};
@@ -27,8 +29,9 @@ use crate::provider::{ErrorClass, ProviderError};
 use crate::upstream::Upstream;
 use schedule::{Freshness, Policy};
 
-/// A token as served: the pre-serialized answer and its timing.
-#[derive(Debug)]
+/// A token as served: the pre-serialized answer and its timing. Kept inline in moka's
+/// entry (a clone is a refcount bump on the body and a copy of the rest).
+#[derive(Debug, Clone)]
 pub struct CachedToken {
     /// `{"user","accessToken"}`, serialized once.
     pub body: Bytes,
@@ -37,8 +40,6 @@ pub struct CachedToken {
     pub fingerprint: [u8; 32],
     /// When it expires (measured from when the request was sent, to be safe).
     pub expires_at: Instant,
-    /// Wall-clock expiry, for status pages.
-    pub expires_at_wall: SystemTime,
     /// Served as fresh only with at least this much life left.
     pub min_life: Duration,
 }
@@ -91,18 +92,20 @@ struct Failure {
     consecutive: u32,
 }
 
-/// Coordination state of one key.
+/// Coordination state of one key. One per tracked key, so kept small: the failure
+/// (rare) is boxed.
 struct KeyRecord {
     set: Arc<CredentialSet>,
     /// Bumped whenever the key's credentials are replaced or removed: results of older
     /// fetches are then not stored.
     generation: u64,
     inflight: Option<Flight>,
-    failure: Option<Failure>,
+    failure: Option<Box<Failure>>,
     last_ok: Option<SystemTime>,
     /// Expiry of the stored token of this generation.
     expires: Option<(Instant, SystemTime)>,
-    timer: Option<AbortHandle>,
+    /// This key's entry in the refresh queue, if a refresh is due.
+    due: Option<DueId>,
 }
 
 impl KeyRecord {
@@ -114,16 +117,68 @@ impl KeyRecord {
             failure: None,
             last_ok: None,
             expires: None,
-            timer: None,
+            due: None,
         }
     }
+}
 
-    /// Forget everything about the old credentials.
-    fn reset(&mut self, set: Arc<CredentialSet>, generation: u64) {
-        if let Some(t) = self.timer.take() {
-            t.abort();
+/// An entry of the refresh queue: when, and a sequence number that makes it unique.
+type DueId = (Instant, u64);
+
+/// The refresh queue: when each key's next background refresh (or retry) is due.
+///
+/// Lock order: the cache's key map, then this queue; the queue's task takes them in
+/// that order too (it releases the queue before it starts a refresh).
+#[derive(Default)]
+struct RefreshQueue {
+    /// Each entry names the key by its credential set (a pointer, not a copy of the key)
+    /// and the generation it was queued for.
+    due: Mutex<BTreeMap<DueId, (Arc<CredentialSet>, u64)>>,
+    next_seq: std::sync::atomic::AtomicU64,
+    /// Wakes the queue's task when an entry earlier than all others arrives, or when
+    /// the cache is dropped.
+    changed: Notify,
+    started: std::sync::atomic::AtomicBool,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl RefreshQueue {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<DueId, (Arc<CredentialSet>, u64)>> {
+        // Inserts and removals are single operations: a poisoned queue is still whole.
+        self.due.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn insert(&self, at: Instant, set: Arc<CredentialSet>, generation: u64) -> DueId {
+        let id = (
+            at,
+            self.next_seq
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        );
+        let mut due = self.lock();
+        due.insert(id, (set, generation));
+        if due.first_key_value().is_some_and(|(first, _)| *first == id) {
+            self.changed.notify_one();
         }
-        *self = KeyRecord::new(set, generation);
+        id
+    }
+
+    fn remove(&self, id: DueId) {
+        self.lock().remove(&id);
+    }
+
+    /// Takes every entry due by `now`; otherwise says when the next one is.
+    #[allow(clippy::type_complexity)]
+    fn take_due(&self, now: Instant) -> (Vec<(DueId, Arc<CredentialSet>, u64)>, Option<Instant>) {
+        let mut due = self.lock();
+        let mut ready = Vec::new();
+        while let Some(entry) = due.first_entry() {
+            if entry.key().0 > now {
+                return (ready, Some(entry.key().0));
+            }
+            let (id, (set, generation)) = entry.remove_entry();
+            ready.push((id, set, generation));
+        }
+        (ready, None)
     }
 }
 
@@ -177,22 +232,32 @@ fn rfc3339(t: SystemTime) -> String {
 
 /// The token cache.
 pub struct TokenCache {
-    tokens: moka::future::Cache<CredentialKey, Arc<CachedToken>>,
+    tokens: moka::future::Cache<CredentialKey, CachedToken>,
     keys: Mutex<HashMap<CredentialKey, KeyRecord>>,
+    refreshes: Arc<RefreshQueue>,
     next_generation: std::sync::atomic::AtomicU64,
     upstream: Arc<Upstream>,
     policy: Policy,
     metrics: Arc<Metrics>,
 }
 
+impl Drop for TokenCache {
+    fn drop(&mut self) {
+        self.refreshes
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.refreshes.changed.notify_one();
+    }
+}
+
 /// Expires moka entries with their token, so memory follows the live token set.
 struct TokenExpiry;
 
-impl moka::Expiry<CredentialKey, Arc<CachedToken>> for TokenExpiry {
+impl moka::Expiry<CredentialKey, CachedToken> for TokenExpiry {
     fn expire_after_create(
         &self,
         _key: &CredentialKey,
-        value: &Arc<CachedToken>,
+        value: &CachedToken,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
         Some(value.expires_at.saturating_duration_since(Instant::now()))
@@ -201,7 +266,7 @@ impl moka::Expiry<CredentialKey, Arc<CachedToken>> for TokenExpiry {
     fn expire_after_update(
         &self,
         key: &CredentialKey,
-        value: &Arc<CachedToken>,
+        value: &CachedToken,
         updated_at: std::time::Instant,
         _current: Option<Duration>,
     ) -> Option<Duration> {
@@ -217,6 +282,7 @@ impl TokenCache {
                 .expire_after(TokenExpiry)
                 .build(),
             keys: Mutex::new(HashMap::new()),
+            refreshes: Arc::default(),
             next_generation: std::sync::atomic::AtomicU64::new(1),
             upstream,
             policy,
@@ -336,7 +402,11 @@ impl TokenCache {
             .entry(set.key.clone())
             .or_insert_with(|| KeyRecord::new(set.clone(), generation));
         if rec.set.fingerprint != set.fingerprint {
-            rec.reset(set.clone(), generation);
+            // Forget everything about the old credentials.
+            if let Some(id) = rec.due.take() {
+                self.refreshes.remove(id);
+            }
+            *rec = KeyRecord::new(set.clone(), generation);
         }
         rec
     }
@@ -416,19 +486,19 @@ impl TokenCache {
                     body,
                     fingerprint: set.fingerprint,
                     expires_at: sent_at + lifetime,
-                    expires_at_wall: sent_at_wall + lifetime,
                     min_life: plan.min_life,
                 }),
+                sent_at_wall + lifetime,
                 sent_at + plan.refresh_after,
             ))
         });
         match result {
-            Ok((tok, refresh_at)) => {
+            Ok((tok, expires_at_wall, refresh_at)) => {
                 self.metrics.refresh(&set.provider_name, RefreshOutcome::Ok);
                 if !self.is_current(&set.key, generation) {
                     return Ok(tok);
                 }
-                self.tokens.insert(set.key.clone(), tok.clone()).await;
+                self.tokens.insert(set.key.clone(), (*tok).clone()).await;
                 let superseded = {
                     let mut keys = self.lock();
                     match keys.get_mut(&set.key) {
@@ -436,8 +506,8 @@ impl TokenCache {
                             rec.inflight = None;
                             rec.failure = None;
                             rec.last_ok = Some(SystemTime::now());
-                            rec.expires = Some((tok.expires_at, tok.expires_at_wall));
-                            self.schedule(rec, &set.key, refresh_at);
+                            rec.expires = Some((tok.expires_at, expires_at_wall));
+                            self.schedule(rec, refresh_at);
                             false
                         }
                         _ => true,
@@ -482,13 +552,13 @@ impl TokenCache {
                         "token refresh failed"
                     );
                     rec.inflight = None;
-                    rec.failure = Some(Failure {
+                    rec.failure = Some(Box::new(Failure {
                         error: e.clone(),
                         at: SystemTime::now(),
                         retry_at,
                         consecutive,
-                    });
-                    self.schedule(rec, &set.key, retry_at);
+                    }));
+                    self.schedule(rec, retry_at);
                 } else {
                     // The credentials were replaced or removed meanwhile: nothing to retry,
                     // but every failed refresh still gets its log line.
@@ -513,28 +583,62 @@ impl TokenCache {
             .is_some_and(|r| r.generation == generation)
     }
 
-    /// (Re)arms the key's background refresh timer.
-    fn schedule(self: &Arc<Self>, rec: &mut KeyRecord, key: &CredentialKey, at: Instant) {
-        if let Some(t) = rec.timer.take() {
-            t.abort();
+    /// (Re)arms the key's background refresh (caller holds the key map's lock).
+    fn schedule(self: &Arc<Self>, rec: &mut KeyRecord, at: Instant) {
+        // Started on first use: the cache may be built outside the runtime.
+        if !self
+            .refreshes
+            .started
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            tokio::spawn(Self::run_refreshes(
+                self.refreshes.clone(),
+                Arc::downgrade(self),
+            ));
         }
-        let this = Arc::downgrade(self);
-        let key = key.clone();
-        let generation = rec.generation;
-        let task = tokio::spawn(async move {
-            tokio::time::sleep_until(at).await;
-            if let Some(this) = this.upgrade() {
-                this.background_refresh(&key, generation);
-            }
-        });
-        rec.timer = Some(task.abort_handle());
+        if let Some(id) = rec.due.take() {
+            self.refreshes.remove(id);
+        }
+        rec.due = Some(self.refreshes.insert(at, rec.set.clone(), rec.generation));
     }
 
-    fn background_refresh(self: &Arc<Self>, key: &CredentialKey, generation: u64) {
+    /// The refresh queue's task: sleeps until the earliest due refresh (or until an
+    /// earlier one is queued) and starts every refresh that is due. It holds the cache
+    /// only weakly; dropping the cache closes the queue and ends it.
+    async fn run_refreshes(queue: Arc<RefreshQueue>, cache: std::sync::Weak<Self>) {
+        use std::sync::atomic::Ordering;
+        while !queue.closed.load(Ordering::Acquire) {
+            let (ready, next) = queue.take_due(Instant::now());
+            if !ready.is_empty() {
+                let Some(this) = cache.upgrade() else { return };
+                for (id, set, generation) in ready {
+                    this.background_refresh(&set.key, generation, id);
+                }
+            }
+            // `notify_one` keeps a permit when nobody waits: an entry queued between
+            // `take_due` and here still wakes us.
+            match next {
+                Some(at) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at) => {}
+                        () = queue.changed.notified() => {}
+                    }
+                }
+                None => queue.changed.notified().await,
+            }
+        }
+    }
+
+    fn background_refresh(self: &Arc<Self>, key: &CredentialKey, generation: u64, id: DueId) {
         let mut keys = self.lock();
         if let Some(rec) = keys.get_mut(key) {
-            if rec.generation == generation && rec.inflight.is_none() {
-                let _detached = self.start_flight(rec);
+            // Only the entry the record still points at: a rescheduled or reset key has
+            // removed its old one, but it may have been taken just before.
+            if rec.due == Some(id) {
+                rec.due = None;
+                if rec.generation == generation && rec.inflight.is_none() {
+                    let _detached = self.start_flight(rec);
+                }
             }
         }
     }
@@ -582,9 +686,9 @@ impl TokenCache {
 
     /// Forgets a key at once: its token, its timer, any result still in flight.
     pub async fn remove(&self, key: &CredentialKey) {
-        if let Some(mut rec) = self.lock().remove(key) {
-            if let Some(t) = rec.timer.take() {
-                t.abort();
+        if let Some(rec) = self.lock().remove(key) {
+            if let Some(id) = rec.due {
+                self.refreshes.remove(id);
             }
         }
         self.tokens.invalidate(key).await;
@@ -664,5 +768,74 @@ impl TokenCache {
             .collect();
         out.sort_by(|a, b| a.account.cmp(&b.account).then(a.scopes.cmp(&b.scopes)));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sets(n: usize) -> Vec<Arc<CredentialSet>> {
+        let accounts: serde_json::Map<String, serde_json::Value> = (0..n)
+            .map(|i| {
+                (
+                    format!("a{i}"),
+                    serde_json::json!({"user": "u@example.com", "provider": "p", "refreshToken": "r"}),
+                )
+            })
+            .collect();
+        let text = serde_json::json!({
+            "providers": {"p": {"type": "oauth2", "tokenUrl": "http://127.0.0.1:1/t", "clientId": "c"}},
+            "accounts": accounts,
+        })
+        .to_string();
+        let config = crate::config::parse(text.as_bytes(), std::path::Path::new("/")).unwrap();
+        let mut out: Vec<_> = config.credential_sets().cloned().collect();
+        out.sort_by(|a, b| a.key.account.cmp(&b.key.account));
+        out
+    }
+
+    #[tokio::test]
+    async fn the_refresh_queue_hands_out_what_is_due_in_order() {
+        let q = RefreshQueue::default();
+        let s = sets(3);
+        let now = Instant::now();
+        let late = q.insert(now + Duration::from_secs(30), s[0].clone(), 1);
+        let early = q.insert(now + Duration::from_secs(10), s[1].clone(), 2);
+        let gone = q.insert(now + Duration::from_secs(20), s[2].clone(), 3);
+        q.remove(gone);
+
+        let (ready, next) = q.take_due(now);
+        assert!(ready.is_empty());
+        assert_eq!(next, Some(now + Duration::from_secs(10)));
+
+        let (ready, next) = q.take_due(now + Duration::from_secs(30));
+        let got: Vec<_> = ready
+            .iter()
+            .map(|(id, set, g)| (*id, set.key.clone(), *g))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(early, s[1].key.clone(), 2), (late, s[0].key.clone(), 1)],
+            "due entries come out earliest first; a removed one never does"
+        );
+        assert_eq!(next, None);
+        assert!(q.lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_entry_earlier_than_all_others_wakes_the_queue() {
+        let q = RefreshQueue::default();
+        let s = sets(2);
+        let now = Instant::now();
+        q.insert(now + Duration::from_secs(60), s[0].clone(), 1);
+        // The first insert was the earliest: it left a wake-up permit. Consume it.
+        q.changed.notified().await;
+        q.insert(now + Duration::from_secs(90), s[1].clone(), 1);
+        let woke = tokio::time::timeout(Duration::from_millis(1), q.changed.notified()).await;
+        assert!(woke.is_err(), "a later entry does not wake the queue");
+        q.insert(now + Duration::from_secs(5), s[1].clone(), 2);
+        let woke = tokio::time::timeout(Duration::from_millis(1), q.changed.notified()).await;
+        assert!(woke.is_ok(), "an earlier entry does");
     }
 }

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Resident memory with many warm tokens (target P5), after warm-up and in steady state.
+#
+#   benches/memory.sh [ACCOUNTS=100000] [LIFETIME=60]
+#
+# Starts the mock identity provider (examples/mock_idp.rs, 2,000-byte tokens that live
+# LIFETIME seconds) and the release sidecar on a generated config of ACCOUNTS OAuth
+# accounts, pre-warmed. Prints RSS once pre-warm is done, then again after LIFETIME + 15 s,
+# when every token has been refreshed once in the background: refresh churn (each refresh
+# frees ~2 KB buffers between long-lived ones) is what a long-running sidecar lives with,
+# so the second number is the one that counts. Budget: token bytes + 1 KiB per account.
+# No load generator; everything stays on loopback and stops by itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ACCOUNTS=${1:-100000}
+LIFETIME=${2:-60}
+TOKEN_BYTES=2000
+
+cargo build --release --locked --bin ee-auth-sidecar --example mock_idp 2>&1 | tail -1
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+report() { # label rss_kb
+  python3 -c "n=$ACCOUNTS; rss=$2*1024; budget=n*($TOKEN_BYTES+1024); print(f'$1: rss {rss/1048576:.1f} MiB, {rss/n:.0f} B/account; budget token+1KiB = {budget/1048576:.1f} MiB')"
+}
+
+MOCK_PORT=$(port); SIDE_PORT=$(port)
+target/release/examples/mock_idp "127.0.0.1:$MOCK_PORT" "$LIFETIME" "$TOKEN_BYTES" >"$work/mock.out" 2>"$work/mock.err" &
+pids+=($!)
+python3 - "$work/accounts.json" "$ACCOUNTS" "http://127.0.0.1:$MOCK_PORT/token" <<'PY'
+import json, sys
+path, n, url = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+cfg = {
+    "auth": {"username": "emailengine", "password": "load-test-password"},
+    "providers": {"idp": {"type": "oauth2", "tokenUrl": url, "clientId": "c", "clientSecret": "s"}},
+    "accounts": {f"acct-{i}": {"user": f"user{i}@example.com", "provider": "idp", "refreshToken": f"rt-{i}"} for i in range(n)},
+}
+json.dump(cfg, open(path, "w"))
+PY
+sleep 0.3
+
+target/release/ee-auth-sidecar serve --config "$work/accounts.json" --listen "127.0.0.1:$SIDE_PORT" \
+  --prewarm-concurrency 16 --prewarm-timeout 600s --log-level warn 2>"$work/sidecar.err" &
+side=$!; pids+=($side)
+deadline=$((SECONDS + 600))
+until curl -fsS -o /dev/null "http://127.0.0.1:$SIDE_PORT/readyz" 2>/dev/null; do
+  [ $SECONDS -lt $deadline ] || { echo "sidecar not ready" >&2; cat "$work/sidecar.err" >&2; exit 1; }
+  sleep 0.2
+done
+sleep 2
+echo "accounts=$ACCOUNTS token_bytes=$TOKEN_BYTES lifetime=${LIFETIME}s cores=$(nproc)"
+report "after pre-warm" "$(rss_kb $side)"
+sleep $((LIFETIME + 15))
+calls=$(curl -fsS "http://127.0.0.1:$SIDE_PORT/metrics" | awk '/^ee_auth_refreshes_total\{.*outcome="ok"/ {s+=$2} END {print s+0}')
+report "after $((LIFETIME + 15)) s of background refreshes ($calls refreshes in all)" "$(rss_kb $side)"
