@@ -48,16 +48,7 @@ rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 MOCK_PORT=$(port); SIDE_PORT=$(port); FLOOR_PORT=$(port)
 "$MOCK" "127.0.0.1:$MOCK_PORT" 3600 "$TOKEN_BYTES" >"$work/mock.out" 2>"$work/mock.err" &
 pids+=($!)
-python3 - "$work/accounts.json" "$ACCOUNTS" "http://127.0.0.1:$MOCK_PORT/token" <<'PY'
-import json, sys
-path, n, url = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-cfg = {
-    "auth": {"username": "emailengine", "password": "load-test-password"},
-    "providers": {"idp": {"type": "oauth2", "tokenUrl": url, "clientId": "c", "clientSecret": "s"}},
-    "accounts": {f"acct-{i}": {"user": f"user{i}@example.com", "provider": "idp", "refreshToken": f"rt-{i}"} for i in range(n)},
-}
-json.dump(cfg, open(path, "w"))
-PY
+python3 benches/accounts.py "$work/accounts.json" "$ACCOUNTS" "http://127.0.0.1:$MOCK_PORT/token"
 sleep 0.3
 
 # P7: start to ready without pre-warm, and idle RSS (no token fetched yet).

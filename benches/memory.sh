@@ -32,16 +32,7 @@ report() { # label rss_kb
 MOCK_PORT=$(port); SIDE_PORT=$(port)
 target/release/examples/mock_idp "127.0.0.1:$MOCK_PORT" "$LIFETIME" "$TOKEN_BYTES" >"$work/mock.out" 2>"$work/mock.err" &
 pids+=($!)
-python3 - "$work/accounts.json" "$ACCOUNTS" "http://127.0.0.1:$MOCK_PORT/token" <<'PY'
-import json, sys
-path, n, url = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-cfg = {
-    "auth": {"username": "emailengine", "password": "load-test-password"},
-    "providers": {"idp": {"type": "oauth2", "tokenUrl": url, "clientId": "c", "clientSecret": "s"}},
-    "accounts": {f"acct-{i}": {"user": f"user{i}@example.com", "provider": "idp", "refreshToken": f"rt-{i}"} for i in range(n)},
-}
-json.dump(cfg, open(path, "w"))
-PY
+python3 benches/accounts.py "$work/accounts.json" "$ACCOUNTS" "http://127.0.0.1:$MOCK_PORT/token"
 sleep 0.3
 
 target/release/ee-auth-sidecar serve --config "$work/accounts.json" --listen "127.0.0.1:$SIDE_PORT" \

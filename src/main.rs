@@ -4,12 +4,6 @@ use clap::Parser;
 use ee_auth_sidecar::cli::{self, Cli, Command, LogArgs, LogFormat};
 use tracing_subscriber::EnvFilter;
 
-/// jemalloc, not glibc's malloc: every token refresh frees ~2 KB buffers between
-/// long-lived ones, and glibc's heap fragments under that churn (100k accounts: 423 MiB
-/// resident after one refresh cycle, 384 MiB with jemalloc; BENCHMARKS.md).
-#[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 fn init_logging(log: &LogArgs) {
     let filter = std::env::var("RUST_LOG")
         .ok()

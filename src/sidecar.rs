@@ -419,9 +419,7 @@ impl Sidecar {
 
 /// Hands memory freed after a config load back to the OS. Parsing a big map makes many
 /// short-lived allocations, and glibc otherwise keeps the freed pages: the process would
-/// sit at its peak size (hundreds of MB with 100k accounts) for good. This matters when
-/// the library runs on glibc's allocator; the binary uses jemalloc, which returns freed
-/// pages by itself after its decay time, and for which this is a cheap no-op.
+/// sit at its peak size (hundreds of MB with 100k accounts) for good.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn release_freed_memory() {

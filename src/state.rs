@@ -59,7 +59,8 @@ struct Record {
     token: Secret,
 }
 
-/// The newest refresh token of every account, in memory and (with a directory) on disk.
+/// The newest refresh token of every account whose token has rotated, in memory and (with
+/// a directory) on disk; other accounts spend their config's token.
 pub struct TokenStore {
     dir: Option<PathBuf>,
     records: Mutex<HashMap<Arc<str>, Record>>,

@@ -96,17 +96,20 @@ impl Upstream {
     /// token's lifetime counts from then, which is safe (the provider issues it later)
     /// without losing the time spent waiting for the account lock or the provider cap.
     pub async fn fetch(&self, set: &CredentialSet) -> Result<(TokenGrant, SentAt), ProviderError> {
-        let account = &set.key.account;
-        let account_guard = match set.grant {
-            Grant::RefreshToken => Some(self.account_lock(account).lock_owned().await),
+        let _held = match set.grant {
+            Grant::RefreshToken => {
+                let lock = self.account_lock(&set.key.account);
+                let mut held = HeldAccountLock {
+                    upstream: self,
+                    account: &set.key.account,
+                    guard: None,
+                };
+                held.guard = Some(lock.lock_owned().await);
+                Some(held)
+            }
             _ => None,
         };
-        let result = self.fetch_locked(set).await;
-        if account_guard.is_some() {
-            drop(account_guard);
-            self.release_account_lock(account);
-        }
-        result
+        self.fetch_locked(set).await
     }
 
     /// [`Upstream::fetch`] once the account's lock (if its grant needs one) is held.
@@ -156,6 +159,21 @@ impl Upstream {
 
 /// Serializes refresh-token spends of one account.
 type AccountLock = Arc<tokio::sync::Mutex<()>>;
+
+/// An account's refresh lock, held; dropping it (also when the fetch is cancelled)
+/// unlocks it and removes it from the map if nobody else holds or waits for it.
+struct HeldAccountLock<'a> {
+    upstream: &'a Upstream,
+    account: &'a Arc<str>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for HeldAccountLock<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        self.upstream.release_account_lock(self.account);
+    }
+}
 
 /// When a token request was sent, on the monotonic and the wall clock.
 #[derive(Clone, Copy, Debug)]

@@ -127,8 +127,9 @@ type DueId = (Instant, u64);
 
 /// The refresh queue: when each key's next background refresh (or retry) is due.
 ///
-/// Lock order: the cache's key map, then this queue; the queue's task takes them in
-/// that order too (it releases the queue before it starts a refresh).
+/// Lock order: this queue's lock is innermost — taken under the cache's key map lock or
+/// alone; the queue's task never holds both (it releases the queue before it starts a
+/// refresh).
 #[derive(Default)]
 struct RefreshQueue {
     /// Each entry names the key by its credential set (a pointer, not a copy of the key)
@@ -684,7 +685,7 @@ impl TokenCache {
         }
     }
 
-    /// Forgets a key at once: its token, its timer, any result still in flight.
+    /// Forgets a key at once: its token, its queued refresh, any result still in flight.
     pub async fn remove(&self, key: &CredentialKey) {
         if let Some(rec) = self.lock().remove(key) {
             if let Some(id) = rec.due {
