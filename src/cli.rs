@@ -343,7 +343,7 @@ pub async fn token(args: &TokenArgs) -> i32 {
                 request_wait: Duration::from_secs(60),
                 ..Policy::default()
             };
-            let cache = crate::cache::TokenCache::new(upstream, policy, metrics);
+            let cache = crate::cache::TokenCache::new(upstream, policy, metrics, 1);
             match cache.get(&set).await {
                 Ok((body, _)) => body,
                 Err(e) => {

@@ -597,7 +597,7 @@ pub fn parse(text: &[u8], base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
         .filter(|n| !providers.contains_key(*n))
         .collect();
 
-    let mut accounts = HashMap::new();
+    let mut accounts = HashMap::with_capacity(raw.accounts.len());
     for (id, v) in &raw.accounts {
         let path = key_path("accounts", id);
         if id.is_empty() {

@@ -184,7 +184,13 @@ impl Sidecar {
             options.provider_concurrency,
             metrics.clone(),
         ));
-        let cache = TokenCache::new(upstream, options.policy.clone(), metrics.clone());
+        let expected_keys = config.credential_sets().count();
+        let cache = TokenCache::new(
+            upstream,
+            options.policy.clone(),
+            metrics.clone(),
+            expected_keys,
+        );
         metrics.reload(true);
         let sidecar = Arc::new(Sidecar {
             config: ArcSwap::from_pointee(config),

@@ -276,13 +276,21 @@ impl moka::Expiry<CredentialKey, CachedToken> for TokenExpiry {
 }
 
 impl TokenCache {
-    /// A cache fetching through `upstream` with the given timing rules.
-    pub fn new(upstream: Arc<Upstream>, policy: Policy, metrics: Arc<Metrics>) -> Arc<Self> {
+    /// A cache fetching through `upstream` with the given timing rules, sized for
+    /// `expected_keys` keys: tables grown by doubling while 100k keys are warmed leave
+    /// their freed halves behind as holes in the heap.
+    pub fn new(
+        upstream: Arc<Upstream>,
+        policy: Policy,
+        metrics: Arc<Metrics>,
+        expected_keys: usize,
+    ) -> Arc<Self> {
         Arc::new(TokenCache {
             tokens: moka::future::Cache::builder()
+                .initial_capacity(expected_keys)
                 .expire_after(TokenExpiry)
                 .build(),
-            keys: Mutex::new(HashMap::new()),
+            keys: Mutex::new(HashMap::with_capacity(expected_keys)),
             refreshes: Arc::default(),
             next_generation: std::sync::atomic::AtomicU64::new(1),
             upstream,
