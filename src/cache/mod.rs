@@ -79,7 +79,7 @@ pub enum CacheError {
     },
 }
 
-type FetchResult = Result<Arc<CachedToken>, Arc<ProviderError>>;
+type FetchResult = Result<CachedToken, Arc<ProviderError>>;
 /// A fetch under way, awaitable by any number of callers.
 pub type Flight = Shared<BoxFuture<'static, FetchResult>>;
 
@@ -377,7 +377,7 @@ impl TokenCache {
         self: &Arc<Self>,
         set: &Arc<CredentialSet>,
         wait: Duration,
-    ) -> Result<(Arc<CachedToken>, Source), CacheError> {
+    ) -> Result<(CachedToken, Source), CacheError> {
         let (flight, source) = {
             let mut keys = self.lock();
             let now = Instant::now();
@@ -491,12 +491,12 @@ impl TokenCache {
             })?;
             let plan = schedule::plan(lifetime, &self.policy, fastrand::f64());
             Ok((
-                Arc::new(CachedToken {
+                CachedToken {
                     body,
                     fingerprint: set.fingerprint,
                     expires_at: sent_at + lifetime,
                     min_life: plan.min_life,
-                }),
+                },
                 sent_at_wall + lifetime,
                 sent_at + plan.refresh_after,
             ))
@@ -507,7 +507,7 @@ impl TokenCache {
                 if !self.is_current(&set.key, generation) {
                     return Ok(tok);
                 }
-                self.tokens.insert(set.key.clone(), (*tok).clone()).await;
+                self.tokens.insert(set.key.clone(), tok.clone()).await;
                 let superseded = {
                     let mut keys = self.lock();
                     match keys.get_mut(&set.key) {
