@@ -598,6 +598,7 @@ pub fn parse(text: &[u8], base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
         .collect();
 
     let mut accounts = HashMap::with_capacity(raw.accounts.len());
+    let shared_names = Interner::default();
     for (id, v) in &raw.accounts {
         let path = key_path("accounts", id);
         if id.is_empty() {
@@ -609,6 +610,7 @@ pub fn parse(text: &[u8], base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
             path: &path,
             providers: &providers,
             broken_providers: &undefined_providers,
+            shared_names: &shared_names,
         };
         match build_account(v, &ctx, &mut resolver) {
             Ok(a) => {
@@ -840,6 +842,24 @@ struct AccountCtx<'a> {
     path: &'a str,
     providers: &'a HashMap<String, (Arc<Provider>, [u8; 32])>,
     broken_providers: &'a [&'a String],
+    shared_names: &'a Interner,
+}
+
+/// One allocation per distinct string for names that thousands of accounts repeat
+/// (provider names, credential-set ids): with 100k accounts a copy each is ~7 MB.
+#[derive(Default)]
+struct Interner(std::cell::RefCell<std::collections::HashSet<Arc<str>>>);
+
+impl Interner {
+    fn get(&self, s: &str) -> Arc<str> {
+        let mut names = self.0.borrow_mut();
+        if let Some(name) = names.get(s) {
+            return name.clone();
+        }
+        let name: Arc<str> = Arc::from(s);
+        names.insert(name.clone());
+        name
+    }
 }
 
 fn build_account(
@@ -996,8 +1016,8 @@ fn build_account(
         let mut fingerprint = [0u8; 32];
         fingerprint.copy_from_slice(d.finish().as_ref());
         Ok(Arc::new(CredentialSet {
-            key: CredentialKey::new(id.clone(), Arc::from(set_id)),
-            provider_name: Arc::from(provider_name.as_str()),
+            key: CredentialKey::new(id.clone(), ctx.shared_names.get(&set_id)),
+            provider_name: ctx.shared_names.get(&provider_name),
             provider: provider.clone(),
             grant,
             scopes,

@@ -33,6 +33,7 @@ fn main() {
         None => cli.serve.worker_threads,
         Some(_) => 1,
     };
+    limit_malloc_arenas(workers);
     // One thread by default: a request is a few microseconds of work, the pod's CPU
     // belongs to EmailEngine, and a single-threaded runtime has no cross-core contention
     // on the cache and the counters (BENCHMARKS.md, P1). Blocking work (config parsing,
@@ -133,3 +134,26 @@ impl Signals {
         }
     }
 }
+
+/// glibc gives threads that contend for the heap arenas of their own (up to 8 per core),
+/// and memory freed in one arena cannot serve another. Config loads run on tokio's
+/// blocking pool and tokens are stored on the runtime's threads: with 100k accounts the
+/// extra arenas cost ~40 MB of resident memory (BENCHMARKS.md, P5). One arena per runtime
+/// worker, unless the operator set `MALLOC_ARENA_MAX` (glibc reads it itself). Called
+/// before any thread exists.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn limit_malloc_arenas(workers: usize) {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
+    let arenas = libc::c_int::try_from(workers.max(1)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: mallopt only sets a glibc tunable; no pointers are involved, and no other
+    // thread is running yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, arenas);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas(_workers: usize) {}

@@ -266,16 +266,53 @@ struct PasswordAnswer<'a> {
 
 /// The serialized `{"user","accessToken"}` answer, built once per token and then shared.
 pub fn token_answer(user: &str, access_token: &Secret) -> Result<Bytes, AnswerError> {
-    check_user(user)?;
-    let len = js_len(access_token.expose());
-    if len == 0 || len > MAX_ACCESS_TOKEN_LEN {
-        return Err(AnswerError::AccessToken);
-    }
-    Ok(to_bytes(&TokenAnswer {
-        user,
-        access_token: access_token.expose(),
-    }))
+    Ok(ValidTokenAnswer::new(user, access_token)?.to_bytes(None))
 }
+
+/// A `{"user","accessToken"}` answer that passed EmailEngine's limits, not yet
+/// serialized: the cache checks it before it takes the token it replaces out of its
+/// cell, and serializes it into that token's buffer.
+pub struct ValidTokenAnswer<'a>(TokenAnswer<'a>);
+
+impl<'a> ValidTokenAnswer<'a> {
+    /// Checks `user` and `access_token` against EmailEngine's limits.
+    pub fn new(user: &'a str, access_token: &'a Secret) -> Result<Self, AnswerError> {
+        check_user(user)?;
+        let len = js_len(access_token.expose());
+        if len == 0 || len > MAX_ACCESS_TOKEN_LEN {
+            return Err(AnswerError::AccessToken);
+        }
+        Ok(ValidTokenAnswer(TokenAnswer {
+            user,
+            access_token: access_token.expose(),
+        }))
+    }
+
+    /// The answer's bytes, written into `previous`'s buffer when nothing else holds it
+    /// and it is large enough. With 100k tokens refreshed every few minutes, freeing each
+    /// 2 KB answer and allocating its successor elsewhere leaves holes that small
+    /// allocations split, until tens of MB of heap are unusable (BENCHMARKS.md, P5);
+    /// a refreshed token is nearly always the same length as the one it replaces.
+    pub fn to_bytes(&self, previous: Option<Bytes>) -> Bytes {
+        let len = serialized_len(&self.0);
+        if let Some(Ok(mut buf)) = previous.map(Bytes::try_into_mut) {
+            if buf.capacity() >= len {
+                buf.clear();
+                // Serializing a struct of &str fields cannot fail.
+                let _ = serde_json::to_writer(bytes::BufMut::writer(&mut buf), &self.0);
+                return buf.freeze();
+            }
+        }
+        // Room for a successor a few bytes longer (JWT claims vary a little).
+        let mut body = Vec::with_capacity(len.next_multiple_of(ANSWER_SLACK));
+        let _ = serde_json::to_writer(&mut body, &self.0);
+        Bytes::from(body)
+    }
+}
+
+/// Answers are allocated in multiples of this, so a refreshed token a few bytes longer
+/// than its predecessor still fits in its buffer.
+const ANSWER_SLACK: usize = 32;
 
 /// The serialized `{"user","pass"}` answer for a password account.
 pub fn password_answer(user: &str, pass: &Secret) -> Result<Bytes, AnswerError> {
@@ -301,12 +338,16 @@ fn to_bytes<T: Serialize>(value: &T) -> Bytes {
     // One allocation of the exact size: a Vec grown by doubling and then shrunk leaves a
     // freed remainder next to every long-lived 2 KB answer, and with 100k tokens those
     // holes cost tens of MB. Measuring first costs a second pass over ~2 KB.
-    let mut counter = ByteCounter(0);
+    let mut body = Vec::with_capacity(serialized_len(value));
     // Serializing a struct of &str fields cannot fail, into a counter or a Vec.
-    let _ = serde_json::to_writer(&mut counter, value);
-    let mut body = Vec::with_capacity(counter.0);
     let _ = serde_json::to_writer(&mut body, value);
     Bytes::from(body)
+}
+
+fn serialized_len<T: Serialize>(value: &T) -> usize {
+    let mut counter = ByteCounter(0);
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
 }
 
 /// An `io::Write` that only counts what it is given.
@@ -429,5 +470,39 @@ mod tests {
         );
         let body = password_answer("u", &Secret::new("")).unwrap();
         assert_eq!(&body[..], br#"{"user":"u","pass":""}"#);
+    }
+
+    #[test]
+    fn a_refreshed_answer_reuses_its_predecessors_buffer_only_when_nobody_holds_it() {
+        let old_token = Secret::new("a".repeat(2000));
+        let new_token = Secret::new("b".repeat(1990));
+        let answer = |t| ValidTokenAnswer::new("u@example.com", t).unwrap();
+        let expected = token_answer("u@example.com", &new_token).unwrap();
+
+        let old = answer(&old_token).to_bytes(None);
+        let old_ptr = old.as_ptr();
+        let new = answer(&new_token).to_bytes(Some(old));
+        assert_eq!(new, expected);
+        assert_eq!(
+            new.as_ptr(),
+            old_ptr,
+            "a unique, large enough buffer is reused"
+        );
+
+        let old = answer(&old_token).to_bytes(None);
+        let served = old.clone();
+        let new = answer(&new_token).to_bytes(Some(old));
+        assert_eq!(new, expected);
+        assert_ne!(new.as_ptr(), served.as_ptr());
+        assert_eq!(
+            served,
+            token_answer("u@example.com", &old_token).unwrap(),
+            "an answer still being served is never written over"
+        );
+
+        let c = Secret::new("c");
+        let short = answer(&c).to_bytes(None);
+        let longer = answer(&old_token).to_bytes(Some(short));
+        assert_eq!(longer, token_answer("u@example.com", &old_token).unwrap());
     }
 }

@@ -354,7 +354,7 @@ impl Sidecar {
         {
             Ok(d) => d,
             Err(e) => {
-                tracing::error!(error = %e, "config diff failed; dropping every cached token");
+                tracing::error!(error = %e, "config diff failed; re-checking every account against the new config");
                 Diff::everything(new)
             }
         };

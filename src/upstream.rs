@@ -54,6 +54,11 @@ impl Upstream {
         }
     }
 
+    /// How many concurrent calls one provider may get.
+    pub fn provider_cap(&self) -> usize {
+        self.provider_cap
+    }
+
     fn cap(&self, provider: &Arc<str>) -> Arc<Semaphore> {
         let mut caps = self.caps.lock().unwrap_or_else(|p| p.into_inner());
         caps.entry(provider.clone())

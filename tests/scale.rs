@@ -125,3 +125,60 @@ async fn refreshes_of_tokens_issued_together_spread_over_the_jitter_window() {
         );
     }
 }
+
+/// A stalled provider must not make every due refresh start at once (each started one
+/// holds its whole fetch in memory while it waits): background refreshes of a provider
+/// run at most `provider_concurrency` at a time, the rest wait as queue entries, and all
+/// of them go out once the provider answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_provider_has_at_most_its_cap_of_background_refreshes_started() {
+    const N: usize = 200;
+    const CAP: usize = 4;
+    let idp = MockIdp::start().await;
+    idp.set_lifetime(Some(4.0));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &accounts(&idp, N));
+    let mut o = test_options(&cfg);
+    o.provider_concurrency = CAP;
+    o.prewarm_concurrency = 32;
+    o.upstream_timeout = Duration::from_secs(2);
+    // Margin 0.8 s: every refresh falls due 2.8–3.2 s after its token was issued.
+    o.policy.margin_floor = Duration::ZERO;
+    let sc = start(o).await.unwrap();
+    assert!(eventually(Duration::from_secs(30), || sc.sidecar.is_ready()).await);
+    idp.set_fault(Fault::Stall);
+
+    let count = |state: &str| {
+        sc.sidecar
+            .cache()
+            .status()
+            .iter()
+            .filter(|s| s.state == state)
+            .count()
+    };
+    let mut most = 0;
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < until {
+        most = most.max(count("refreshing"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        (1..=CAP).contains(&most),
+        "{most} refreshes started at once against a stalled provider with a cap of {CAP}"
+    );
+
+    idp.set_fault(Fault::None);
+    let all_fresh = || {
+        let status = sc.sidecar.cache().status();
+        status.len() == N
+            && status
+                .iter()
+                .all(|s| s.state == "ok" && s.token_remaining_seconds.is_some())
+    };
+    assert!(
+        eventually(Duration::from_secs(30), all_fresh).await,
+        "every account refreshed once the provider answers: {} ok of {N}",
+        count("ok")
+    );
+    sc.shutdown().await;
+}

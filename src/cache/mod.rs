@@ -1,15 +1,19 @@
-//! The token cache: moka for storage and per-entry expiry, plus what moka lacks —
-//! refresh-ahead, single-flight across cold misses *and* refreshes, stale-while-error,
-//! and back-off that keeps a failing identity provider from being hammered.
+//! The token cache: moka as the concurrent index from key to token cell, plus what moka
+//! lacks — refresh-ahead, single-flight across cold misses *and* refreshes,
+//! stale-while-error, and back-off that keeps a failing identity provider from being
+//! hammered.
 //!
-//! Hot path: one moka lookup and a fingerprint compare; the answer body was serialized
-//! when the token was stored and is handed out as a refcounted `Bytes`.
+//! Hot path: one moka lookup, a short lock of the key's cell to copy its token out, and a
+//! fingerprint compare; the answer body was serialized when the token was stored and is
+//! handed out as a refcounted `Bytes`.
 //!
 //! Everything that coordinates fetches lives in one `std::sync::Mutex<HashMap>` of key
 //! records, touched only on misses, refreshes and failures, and never held across an
 //! await. Each fetch runs in its own task, so a client hanging up cannot cancel it.
-//! Background refreshes are due dates in one ordered queue, watched by one task: a
-//! sleeping task per key would cost ~400 bytes each, more than the rest of its record.
+//! Background refreshes are due dates in one ordered queue per provider, each watched by
+//! one task that starts at most as many refreshes at a time as the provider may have
+//! calls: a sleeping task per key would cost ~400 bytes each, and so would every started
+//! refresh waiting for the provider (with 100k keys due together, tens of MB).
 
 pub mod schedule;
 
@@ -19,7 +23,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::{CredentialKey, CredentialSet};
@@ -29,8 +33,8 @@ use crate::provider::{ErrorClass, ProviderError};
 use crate::upstream::Upstream;
 use schedule::{Freshness, Policy};
 
-/// A token as served: the pre-serialized answer and its timing. Kept inline in moka's
-/// entry (a clone is a refcount bump on the body and a copy of the rest).
+/// A token as served: the pre-serialized answer and its timing (a clone is a refcount
+/// bump on the body and a copy of the rest).
 #[derive(Debug, Clone)]
 pub struct CachedToken {
     /// `{"user","accessToken"}`, serialized once.
@@ -92,10 +96,28 @@ struct Failure {
     consecutive: u32,
 }
 
+/// Where a key's current token lives: shared by the key's record and its moka entry.
+///
+/// A refresh replaces the token in place, so moka's entry is written once per key rather
+/// than once per refresh: each moka write allocates ~230 bytes, and with 100k keys
+/// refreshed every few minutes that churn fragments the heap (BENCHMARKS.md, P5). The
+/// lock is held to copy a token out, or to write a refreshed answer into its
+/// predecessor's buffer (a few µs), never across an await.
+type TokenCell = Arc<Mutex<Option<CachedToken>>>;
+
+fn cell_lock(cell: &TokenCell) -> MutexGuard<'_, Option<CachedToken>> {
+    // Reads and writes are single assignments: a poisoned cell still holds a whole token.
+    cell.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Coordination state of one key. One per tracked key, so kept small: the failure
 /// (rare) is boxed.
 struct KeyRecord {
     set: Arc<CredentialSet>,
+    /// The key's token; the same cell for as long as the record lives.
+    cell: TokenCell,
+    /// Whether `cell` has been put into moka (done once, by the first stored token).
+    published: bool,
     /// Bumped whenever the key's credentials are replaced or removed: results of older
     /// fetches are then not stored.
     generation: u64,
@@ -112,6 +134,8 @@ impl KeyRecord {
     fn new(set: Arc<CredentialSet>, generation: u64) -> Self {
         KeyRecord {
             set,
+            cell: TokenCell::default(),
+            published: false,
             generation,
             inflight: None,
             failure: None,
@@ -125,25 +149,37 @@ impl KeyRecord {
 /// An entry of the refresh queue: when, and a sequence number that makes it unique.
 type DueId = (Instant, u64);
 
-/// The refresh queue: when each key's next background refresh (or retry) is due.
+/// A provider's refresh queue: when each of its keys' next background refresh (or retry)
+/// is due, and the slots that bound how many of them run at once.
 ///
-/// Lock order: this queue's lock is innermost — taken under the cache's key map lock or
-/// alone; the queue's task never holds both (it releases the queue before it starts a
-/// refresh).
-#[derive(Default)]
+/// Lock order: the cache's key map lock, then the map of queues, then a queue's own
+/// lock; a queue's task never holds its queue's lock while it starts a refresh. A token
+/// cell's lock is taken alone or innermost. moka is never called under any of them.
 struct RefreshQueue {
     /// Each entry names the key by its credential set (a pointer, not a copy of the key)
     /// and the generation it was queued for.
     due: Mutex<BTreeMap<DueId, (Arc<CredentialSet>, u64)>>,
     next_seq: std::sync::atomic::AtomicU64,
+    /// Background refreshes of this provider under way at most: a refresh started beyond
+    /// the provider's call cap would only wait for it, holding its whole fetch in memory.
+    slots: Arc<Semaphore>,
     /// Wakes the queue's task when an entry earlier than all others arrives, or when
     /// the cache is dropped.
     changed: Notify,
-    started: std::sync::atomic::AtomicBool,
     closed: std::sync::atomic::AtomicBool,
 }
 
 impl RefreshQueue {
+    fn new(slots: usize) -> Self {
+        RefreshQueue {
+            due: Mutex::default(),
+            next_seq: std::sync::atomic::AtomicU64::new(0),
+            slots: Arc::new(Semaphore::new(slots.max(1))),
+            changed: Notify::new(),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, BTreeMap<DueId, (Arc<CredentialSet>, u64)>> {
         // Inserts and removals are single operations: a poisoned queue is still whole.
         self.due.lock().unwrap_or_else(|p| p.into_inner())
@@ -167,19 +203,22 @@ impl RefreshQueue {
         self.lock().remove(&id);
     }
 
-    /// Takes every entry due by `now`; otherwise says when the next one is.
+    /// Takes the earliest entry if it is due by `now`; otherwise says when the next one is.
     #[allow(clippy::type_complexity)]
-    fn take_due(&self, now: Instant) -> (Vec<(DueId, Arc<CredentialSet>, u64)>, Option<Instant>) {
+    fn take_due(&self, now: Instant) -> Result<(DueId, Arc<CredentialSet>, u64), Option<Instant>> {
         let mut due = self.lock();
-        let mut ready = Vec::new();
-        while let Some(entry) = due.first_entry() {
-            if entry.key().0 > now {
-                return (ready, Some(entry.key().0));
+        match due.first_entry() {
+            Some(entry) if entry.key().0 <= now => {
+                let (id, (set, generation)) = entry.remove_entry();
+                Ok((id, set, generation))
             }
-            let (id, (set, generation)) = entry.remove_entry();
-            ready.push((id, set, generation));
+            Some(entry) => Err(Some(entry.key().0)),
+            None => Err(None),
         }
-        (ready, None)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -233,9 +272,11 @@ fn rfc3339(t: SystemTime) -> String {
 
 /// The token cache.
 pub struct TokenCache {
-    tokens: moka::future::Cache<CredentialKey, CachedToken>,
+    /// The hot path's index: key to token cell, read without taking `keys`' lock.
+    tokens: moka::future::Cache<CredentialKey, TokenCell>,
     keys: Mutex<HashMap<CredentialKey, KeyRecord>>,
-    refreshes: Arc<RefreshQueue>,
+    /// Refresh queues by provider name, made (and their tasks started) on first use.
+    refreshes: Mutex<HashMap<Arc<str>, Arc<RefreshQueue>>>,
     next_generation: std::sync::atomic::AtomicU64,
     upstream: Arc<Upstream>,
     policy: Policy,
@@ -244,34 +285,13 @@ pub struct TokenCache {
 
 impl Drop for TokenCache {
     fn drop(&mut self) {
-        self.refreshes
-            .closed
-            .store(true, std::sync::atomic::Ordering::Release);
-        self.refreshes.changed.notify_one();
-    }
-}
-
-/// Expires moka entries with their token, so memory follows the live token set.
-struct TokenExpiry;
-
-impl moka::Expiry<CredentialKey, CachedToken> for TokenExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &CredentialKey,
-        value: &CachedToken,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(value.expires_at.saturating_duration_since(Instant::now()))
-    }
-
-    fn expire_after_update(
-        &self,
-        key: &CredentialKey,
-        value: &CachedToken,
-        updated_at: std::time::Instant,
-        _current: Option<Duration>,
-    ) -> Option<Duration> {
-        self.expire_after_create(key, value, updated_at)
+        let queues = self.refreshes.get_mut().unwrap_or_else(|p| p.into_inner());
+        for queue in queues.values() {
+            queue
+                .closed
+                .store(true, std::sync::atomic::Ordering::Release);
+            queue.changed.notify_one();
+        }
     }
 }
 
@@ -286,12 +306,14 @@ impl TokenCache {
         expected_keys: usize,
     ) -> Arc<Self> {
         Arc::new(TokenCache {
+            // No moka expiry: an entry lives as long as its key's record; an expired token
+            // is never served (checked on every hit) and is dropped from its cell when its
+            // refresh fails.
             tokens: moka::future::Cache::builder()
                 .initial_capacity(expected_keys)
-                .expire_after(TokenExpiry)
                 .build(),
             keys: Mutex::new(HashMap::with_capacity(expected_keys)),
-            refreshes: Arc::default(),
+            refreshes: Mutex::default(),
             next_generation: std::sync::atomic::AtomicU64::new(1),
             upstream,
             policy,
@@ -321,10 +343,12 @@ impl TokenCache {
         self: &Arc<Self>,
         set: &Arc<CredentialSet>,
     ) -> Result<(Bytes, Source), CacheError> {
-        let cached = self
-            .tokens
-            .get(&set.key)
-            .await
+        let cell = match self.tokens.get(&set.key).await {
+            Some(cell) => Some(cell),
+            None => self.unlisted_cell(&set.key).await,
+        };
+        let cached = cell
+            .and_then(|cell| cell_lock(&cell).clone())
             .filter(|t| t.fingerprint == set.fingerprint);
         if let Some(tok) = &cached {
             let remaining = tok.expires_at.checked_duration_since(Instant::now());
@@ -387,7 +411,7 @@ impl TokenCache {
             } else if let Some(fail) = rec.failure.as_ref().filter(|f| f.retry_at > now) {
                 return Err(self.failure_error(set, fail, now));
             } else {
-                (self.start_flight(rec), Source::Miss)
+                (self.start_flight(rec, None), Source::Miss)
             }
         };
         match tokio::time::timeout(wait, flight).await {
@@ -411,11 +435,16 @@ impl TokenCache {
             .entry(set.key.clone())
             .or_insert_with(|| KeyRecord::new(set.clone(), generation));
         if rec.set.fingerprint != set.fingerprint {
-            // Forget everything about the old credentials.
-            if let Some(id) = rec.due.take() {
-                self.refreshes.remove(id);
-            }
-            *rec = KeyRecord::new(set.clone(), generation);
+            // Forget everything about the old credentials, their token included; the
+            // cell (and so moka's entry) stays the key's.
+            self.unschedule(rec);
+            cell_lock(&rec.cell).take();
+            rec.set = set.clone();
+            rec.generation = generation;
+            rec.inflight = None;
+            rec.failure = None;
+            rec.last_ok = None;
+            rec.expires = None;
         }
         rec
     }
@@ -447,11 +476,20 @@ impl TokenCache {
     }
 
     /// Starts the fetch for a record (caller holds the lock and checked none is running).
-    fn start_flight(self: &Arc<Self>, rec: &mut KeyRecord) -> Flight {
+    /// A background refresh passes its queue's slot, given back when the fetch ends.
+    fn start_flight(
+        self: &Arc<Self>,
+        rec: &mut KeyRecord,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Flight {
         let this = self.clone();
         let set = rec.set.clone();
         let generation = rec.generation;
-        let handle = tokio::spawn(async move { this.run_fetch(set, generation).await });
+        let handle = tokio::spawn(async move {
+            let result = this.run_fetch(set, generation).await;
+            drop(slot);
+            result
+        });
         let flight = async move {
             match handle.await {
                 Ok(r) => r,
@@ -466,20 +504,14 @@ impl TokenCache {
 
     /// One upstream fetch and its bookkeeping; runs in its own task.
     async fn run_fetch(self: Arc<Self>, set: Arc<CredentialSet>, generation: u64) -> FetchResult {
-        let result = self.upstream.fetch(&set).await;
-        let result = result.and_then(|(grant, sent)| {
-            let (sent_at, sent_at_wall) = (sent.instant, sent.wall);
-            let lifetime = match grant.expires_in {
-                Some(l) => l,
-                None => {
-                    tracing::info!(account = %set.key.account, provider = %set.provider_name,
-                        assumed_seconds = self.policy.default_lifetime.as_secs(),
-                        "token response has no expires_in; assuming a conservative lifetime");
-                    self.policy.default_lifetime
-                }
-            };
-            let body = protocol::token_answer(&set.user, &grant.access_token).map_err(|e| {
-                ProviderError {
+        let (grant, sent) = match self.upstream.fetch(&set).await {
+            Ok(fetched) => fetched,
+            Err(e) => return Err(self.fetch_failed(&set, generation, e)),
+        };
+        let answer = match protocol::ValidTokenAnswer::new(&set.user, &grant.access_token) {
+            Ok(answer) => answer,
+            Err(e) => {
+                let e = ProviderError {
                     hint: Some(match e {
                         protocol::AnswerError::AccessToken => {
                             "the access token is longer than EmailEngine accepts"
@@ -487,158 +519,236 @@ impl TokenCache {
                         _ => "the answer would not pass EmailEngine's validation",
                     }),
                     ..ProviderError::transient("invalid_response")
-                }
-            })?;
-            let plan = schedule::plan(lifetime, &self.policy, fastrand::f64());
-            Ok((
-                CachedToken {
-                    body,
-                    fingerprint: set.fingerprint,
-                    expires_at: sent_at + lifetime,
-                    min_life: plan.min_life,
-                },
-                sent_at_wall + lifetime,
-                sent_at + plan.refresh_after,
-            ))
-        });
-        match result {
-            Ok((tok, expires_at_wall, refresh_at)) => {
-                self.metrics.refresh(&set.provider_name, RefreshOutcome::Ok);
-                if !self.is_current(&set.key, generation) {
-                    return Ok(tok);
-                }
-                self.tokens.insert(set.key.clone(), tok.clone()).await;
-                let superseded = {
-                    let mut keys = self.lock();
-                    match keys.get_mut(&set.key) {
-                        Some(rec) if rec.generation == generation => {
-                            rec.inflight = None;
-                            rec.failure = None;
-                            rec.last_ok = Some(SystemTime::now());
-                            rec.expires = Some((tok.expires_at, expires_at_wall));
-                            self.schedule(rec, refresh_at);
-                            false
-                        }
-                        _ => true,
-                    }
                 };
-                if superseded {
-                    self.tokens.invalidate(&set.key).await;
-                }
-                Ok(tok)
+                return Err(self.fetch_failed(&set, generation, e));
             }
-            Err(e) => {
-                let outcome = match e.class {
-                    ErrorClass::Transient => RefreshOutcome::Transient,
-                    ErrorClass::Permanent => RefreshOutcome::Permanent,
-                };
-                self.metrics.refresh(&set.provider_name, outcome);
-                let mut keys = self.lock();
-                if let Some(rec) = keys
-                    .get_mut(&set.key)
-                    .filter(|r| r.generation == generation)
-                {
-                    let consecutive = rec.failure.as_ref().map_or(0, |f| f.consecutive) + 1;
-                    let delay = match e.class {
-                        ErrorClass::Permanent => self.policy.permanent_retry,
-                        ErrorClass::Transient => schedule::backoff(
-                            consecutive,
-                            e.retry_after,
-                            &self.policy,
-                            fastrand::f64(),
-                        ),
+        };
+        let lifetime = match grant.expires_in {
+            Some(l) => l,
+            None => {
+                tracing::info!(account = %set.key.account, provider = %set.provider_name,
+                    assumed_seconds = self.policy.default_lifetime.as_secs(),
+                    "token response has no expires_in; assuming a conservative lifetime");
+                self.policy.default_lifetime
+            }
+        };
+        let plan = schedule::plan(lifetime, &self.policy, fastrand::f64());
+        let token = |body| CachedToken {
+            body,
+            fingerprint: set.fingerprint,
+            expires_at: sent.instant + lifetime,
+            min_life: plan.min_life,
+        };
+        self.metrics.refresh(&set.provider_name, RefreshOutcome::Ok);
+        let (tok, unpublished) = {
+            let mut keys = self.lock();
+            match keys.get_mut(&set.key) {
+                Some(rec) if rec.generation == generation => {
+                    let tok = {
+                        // Swapped under the cell's lock: a request sees the old token or
+                        // the new one, never none.
+                        let mut cell = cell_lock(&rec.cell);
+                        let previous = cell.take().map(|t| t.body);
+                        let tok = token(answer.to_bytes(previous));
+                        *cell = Some(tok.clone());
+                        tok
                     };
-                    let retry_at = Instant::now() + delay;
-                    tracing::warn!(
-                        account = %set.key.account,
-                        provider = %set.provider_name,
-                        class = e.class.as_str(),
-                        code = %e.code,
-                        provider_code = e.provider_code.as_deref().unwrap_or(""),
-                        hint = e.hint.unwrap_or(""),
-                        consecutive,
-                        retry_in_ms = delay.as_millis() as u64,
-                        "token refresh failed"
-                    );
                     rec.inflight = None;
-                    rec.failure = Some(Box::new(Failure {
-                        error: e.clone(),
-                        at: SystemTime::now(),
-                        retry_at,
-                        consecutive,
-                    }));
-                    self.schedule(rec, retry_at);
-                } else {
-                    // The credentials were replaced or removed meanwhile: nothing to retry,
-                    // but every failed refresh still gets its log line.
-                    tracing::warn!(
-                        account = %set.key.account,
-                        provider = %set.provider_name,
-                        class = e.class.as_str(),
-                        code = %e.code,
-                        provider_code = e.provider_code.as_deref().unwrap_or(""),
-                        hint = e.hint.unwrap_or(""),
-                        "token refresh failed (for credentials replaced since; not retried)"
-                    );
+                    rec.failure = None;
+                    rec.last_ok = Some(SystemTime::now());
+                    rec.expires = Some((tok.expires_at, sent.wall + lifetime));
+                    self.schedule(rec, sent.instant + plan.refresh_after);
+                    let unpublished =
+                        (!std::mem::replace(&mut rec.published, true)).then(|| rec.cell.clone());
+                    (tok, unpublished)
                 }
-                Err(Arc::new(e))
+                // Replaced or removed meanwhile: the waiters get it, nobody else.
+                _ => (token(answer.to_bytes(None)), None),
             }
+        };
+        if let Some(cell) = unpublished {
+            self.publish(&set.key, &cell).await;
         }
+        Ok(tok)
     }
 
-    fn is_current(&self, key: &CredentialKey, generation: u64) -> bool {
-        self.lock()
-            .get(key)
-            .is_some_and(|r| r.generation == generation)
+    /// Records a failed fetch (log line, back-off, retry) and returns its error.
+    fn fetch_failed(
+        self: &Arc<Self>,
+        set: &CredentialSet,
+        generation: u64,
+        e: ProviderError,
+    ) -> Arc<ProviderError> {
+        let outcome = match e.class {
+            ErrorClass::Transient => RefreshOutcome::Transient,
+            ErrorClass::Permanent => RefreshOutcome::Permanent,
+        };
+        self.metrics.refresh(&set.provider_name, outcome);
+        let mut keys = self.lock();
+        if let Some(rec) = keys
+            .get_mut(&set.key)
+            .filter(|r| r.generation == generation)
+        {
+            let consecutive = rec.failure.as_ref().map_or(0, |f| f.consecutive) + 1;
+            let delay = match e.class {
+                ErrorClass::Permanent => self.policy.permanent_retry,
+                ErrorClass::Transient => {
+                    schedule::backoff(consecutive, e.retry_after, &self.policy, fastrand::f64())
+                }
+            };
+            let retry_at = Instant::now() + delay;
+            tracing::warn!(
+                account = %set.key.account,
+                provider = %set.provider_name,
+                class = e.class.as_str(),
+                code = %e.code,
+                provider_code = e.provider_code.as_deref().unwrap_or(""),
+                hint = e.hint.unwrap_or(""),
+                consecutive,
+                retry_in_ms = delay.as_millis() as u64,
+                "token refresh failed"
+            );
+            rec.inflight = None;
+            if rec.expires.is_some_and(|(at, _)| at <= Instant::now()) {
+                // Never servable again: free it rather than keep it until the
+                // refresh finally succeeds.
+                cell_lock(&rec.cell).take();
+                rec.expires = None;
+            }
+            rec.failure = Some(Box::new(Failure {
+                error: e.clone(),
+                at: SystemTime::now(),
+                retry_at,
+                consecutive,
+            }));
+            self.schedule(rec, retry_at);
+        } else {
+            // The credentials were replaced or removed meanwhile: nothing to retry,
+            // but every failed refresh still gets its log line.
+            tracing::warn!(
+                account = %set.key.account,
+                provider = %set.provider_name,
+                class = e.class.as_str(),
+                code = %e.code,
+                provider_code = e.provider_code.as_deref().unwrap_or(""),
+                hint = e.hint.unwrap_or(""),
+                "token refresh failed (for credentials replaced since; not retried)"
+            );
+        }
+        Arc::new(e)
+    }
+
+    /// Puts a key's cell into moka, if its record still holds that cell. The check and
+    /// the insert are one step under moka's lock for the key, and [`TokenCache::remove`]
+    /// takes the entry out under the same lock: a removal racing a publish can never
+    /// leave an entry without a record, or take out a newer record's entry.
+    async fn publish(&self, key: &CredentialKey, cell: &TokenCell) {
+        use moka::ops::compute::Op;
+        self.tokens
+            .entry_by_ref(key)
+            .and_compute_with(|entry| {
+                // moka is never called under the key map's lock, so taking it here
+                // cannot deadlock.
+                let current = self
+                    .lock()
+                    .get(key)
+                    .is_some_and(|rec| Arc::ptr_eq(&rec.cell, cell));
+                std::future::ready(match entry {
+                    _ if current => Op::Put(cell.clone()),
+                    Some(e) if Arc::ptr_eq(e.value(), cell) => Op::Remove,
+                    _ => Op::Nop,
+                })
+            })
+            .await;
+    }
+
+    /// The cell of a tracked key that holds a token but has no moka entry (a removal
+    /// and a re-add raced its publish), put back into moka: without it, the key would be
+    /// served from the miss path, and its token could not be served stale.
+    async fn unlisted_cell(&self, key: &CredentialKey) -> Option<TokenCell> {
+        let cell = {
+            let keys = self.lock();
+            let rec = keys.get(key)?;
+            if cell_lock(&rec.cell).is_none() {
+                return None;
+            }
+            rec.cell.clone()
+        };
+        self.publish(key, &cell).await;
+        Some(cell)
+    }
+
+    /// The refresh queue of a provider, made and its task started on first use (the
+    /// cache may be built outside the runtime; this runs inside it).
+    fn queue(self: &Arc<Self>, provider: &Arc<str>) -> Arc<RefreshQueue> {
+        let mut queues = self.refreshes.lock().unwrap_or_else(|p| p.into_inner());
+        queues
+            .entry(provider.clone())
+            .or_insert_with(|| {
+                let queue = Arc::new(RefreshQueue::new(self.upstream.provider_cap()));
+                tokio::spawn(Self::run_refreshes(queue.clone(), Arc::downgrade(self)));
+                queue
+            })
+            .clone()
+    }
+
+    /// Removes the key's queued refresh, if any (caller holds the key map's lock).
+    fn unschedule(&self, rec: &mut KeyRecord) {
+        if let Some(id) = rec.due.take() {
+            let queues = self.refreshes.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(queue) = queues.get(&rec.set.provider_name) {
+                queue.remove(id);
+            }
+        }
     }
 
     /// (Re)arms the key's background refresh (caller holds the key map's lock).
     fn schedule(self: &Arc<Self>, rec: &mut KeyRecord, at: Instant) {
-        // Started on first use: the cache may be built outside the runtime.
-        if !self
-            .refreshes
-            .started
-            .swap(true, std::sync::atomic::Ordering::AcqRel)
-        {
-            tokio::spawn(Self::run_refreshes(
-                self.refreshes.clone(),
-                Arc::downgrade(self),
-            ));
-        }
-        if let Some(id) = rec.due.take() {
-            self.refreshes.remove(id);
-        }
-        rec.due = Some(self.refreshes.insert(at, rec.set.clone(), rec.generation));
+        self.unschedule(rec);
+        let queue = self.queue(&rec.set.provider_name);
+        rec.due = Some(queue.insert(at, rec.set.clone(), rec.generation));
     }
 
-    /// The refresh queue's task: sleeps until the earliest due refresh (or until an
-    /// earlier one is queued) and starts every refresh that is due. It holds the cache
-    /// only weakly; dropping the cache closes the queue and ends it.
+    /// A refresh queue's task: takes a free slot, sleeps until the earliest due refresh
+    /// (or until an earlier one is queued) and starts it with that slot. It holds the
+    /// cache only weakly; dropping the cache closes the queue and ends it.
     async fn run_refreshes(queue: Arc<RefreshQueue>, cache: std::sync::Weak<Self>) {
-        use std::sync::atomic::Ordering;
-        while !queue.closed.load(Ordering::Acquire) {
-            let (ready, next) = queue.take_due(Instant::now());
-            if !ready.is_empty() {
-                let Some(this) = cache.upgrade() else { return };
-                for (id, set, generation) in ready {
-                    this.background_refresh(&set.key, generation, id);
-                }
-            }
+        while !queue.is_closed() {
+            // A running refresh holds the cache, so by the time the cache is dropped
+            // every slot is back: this wait cannot outlive it.
+            let Ok(slot) = queue.slots.clone().acquire_owned().await else {
+                return;
+            };
             // `notify_one` keeps a permit when nobody waits: an entry queued between
-            // `take_due` and here still wakes us.
-            match next {
-                Some(at) => {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(at) => {}
-                        () = queue.changed.notified() => {}
-                    }
+            // `take_due` and the wait below still wakes us.
+            let due = loop {
+                if queue.is_closed() {
+                    return;
                 }
-                None => queue.changed.notified().await,
-            }
+                match queue.take_due(Instant::now()) {
+                    Ok(due) => break due,
+                    Err(Some(at)) => {
+                        tokio::select! {
+                            () = tokio::time::sleep_until(at) => {}
+                            () = queue.changed.notified() => {}
+                        }
+                    }
+                    Err(None) => queue.changed.notified().await,
+                }
+            };
+            let Some(this) = cache.upgrade() else { return };
+            let (id, set, generation) = due;
+            this.background_refresh(&set.key, generation, id, slot);
         }
     }
 
-    fn background_refresh(self: &Arc<Self>, key: &CredentialKey, generation: u64, id: DueId) {
+    fn background_refresh(
+        self: &Arc<Self>,
+        key: &CredentialKey,
+        generation: u64,
+        id: DueId,
+        slot: OwnedSemaphorePermit,
+    ) {
         let mut keys = self.lock();
         if let Some(rec) = keys.get_mut(key) {
             // Only the entry the record still points at: a rescheduled or reset key has
@@ -646,7 +756,7 @@ impl TokenCache {
             if rec.due == Some(id) {
                 rec.due = None;
                 if rec.generation == generation && rec.inflight.is_none() {
-                    let _detached = self.start_flight(rec);
+                    let _detached = self.start_flight(rec, Some(slot));
                 }
             }
         }
@@ -666,7 +776,7 @@ impl TokenCache {
         if has_token || backing_off {
             return None;
         }
-        Some(self.start_flight(rec))
+        Some(self.start_flight(rec, None))
     }
 
     /// Fetches a new token for `set` now, even if the cached one is fresh (admin action);
@@ -680,7 +790,7 @@ impl TokenCache {
             let rec = self.record_for(&mut keys, set);
             match &rec.inflight {
                 Some(f) => f.clone(),
-                None => self.start_flight(rec),
+                None => self.start_flight(rec, None),
             }
         };
         match tokio::time::timeout(self.policy.request_wait, flight).await {
@@ -695,20 +805,31 @@ impl TokenCache {
 
     /// Forgets a key at once: its token, its queued refresh, any result still in flight.
     pub async fn remove(&self, key: &CredentialKey) {
-        if let Some(rec) = self.lock().remove(key) {
-            if let Some(id) = rec.due {
-                self.refreshes.remove(id);
-            }
-        }
-        self.tokens.invalidate(key).await;
+        use moka::ops::compute::Op;
+        let Some(mut rec) = self.lock().remove(key) else {
+            return;
+        };
+        self.unschedule(&mut rec);
+        // Only this record's cell: a request still holding the old config may already
+        // have made a new record, and published its cell.
+        self.tokens
+            .entry_by_ref(key)
+            .and_compute_with(|entry| {
+                std::future::ready(match entry {
+                    Some(e) if Arc::ptr_eq(e.value(), &rec.cell) => Op::Remove,
+                    _ => Op::Nop,
+                })
+            })
+            .await;
     }
 
-    /// Replaces a key's credentials: drops the old token and fetches anew in the
-    /// background if the key was in use.
+    /// Replaces a key's credentials: if they differ from the ones the key's token was
+    /// fetched with, drops that token and fetches anew in the background (when the key
+    /// was in use).
     pub async fn replace(self: &Arc<Self>, set: &Arc<CredentialSet>) {
-        let in_use = self.is_tracked(&set.key);
-        self.tokens.invalidate(&set.key).await;
-        if in_use {
+        // `warm` finds the record's credentials changed and resets it, token and all;
+        // the key's moka entry stays (it is the key's cell, not the token).
+        if self.is_tracked(&set.key) {
             self.warm(set);
         }
     }
@@ -806,7 +927,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_refresh_queue_hands_out_what_is_due_in_order() {
-        let q = RefreshQueue::default();
+        let q = RefreshQueue::new(1);
         let s = sets(3);
         let now = Instant::now();
         let late = q.insert(now + Duration::from_secs(30), s[0].clone(), 1);
@@ -814,27 +935,26 @@ mod tests {
         let gone = q.insert(now + Duration::from_secs(20), s[2].clone(), 3);
         q.remove(gone);
 
-        let (ready, next) = q.take_due(now);
-        assert!(ready.is_empty());
-        assert_eq!(next, Some(now + Duration::from_secs(10)));
+        let nothing_due = q.take_due(now).map(|(id, _, _)| id);
+        assert_eq!(nothing_due, Err(Some(now + Duration::from_secs(10))));
 
-        let (ready, next) = q.take_due(now + Duration::from_secs(30));
-        let got: Vec<_> = ready
-            .iter()
-            .map(|(id, set, g)| (*id, set.key.clone(), *g))
-            .collect();
+        let then = now + Duration::from_secs(30);
+        let mut got = Vec::new();
+        while let Ok((id, set, g)) = q.take_due(then) {
+            got.push((id, set.key.clone(), g));
+        }
         assert_eq!(
             got,
             vec![(early, s[1].key.clone(), 2), (late, s[0].key.clone(), 1)],
             "due entries come out earliest first; a removed one never does"
         );
-        assert_eq!(next, None);
+        assert_eq!(q.take_due(then).map(|(id, _, _)| id), Err(None));
         assert!(q.lock().is_empty());
     }
 
     #[tokio::test]
     async fn an_entry_earlier_than_all_others_wakes_the_queue() {
-        let q = RefreshQueue::default();
+        let q = RefreshQueue::new(1);
         let s = sets(2);
         let now = Instant::now();
         q.insert(now + Duration::from_secs(60), s[0].clone(), 1);

@@ -9,6 +9,7 @@ pub mod google_service_account;
 pub mod microsoft;
 pub mod oauth2;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -331,17 +332,22 @@ pub(crate) async fn post_form(
     }
 }
 
-async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, ProviderError> {
-    let mut out = Vec::new();
+/// The response body, at most [`MAX_RESPONSE_BYTES`]. A body that arrives in one chunk
+/// (a token response nearly always does) is used as it came, not copied.
+async fn read_limited(mut resp: reqwest::Response) -> Result<bytes::Bytes, ProviderError> {
+    let mut chunks: Vec<bytes::Bytes> = Vec::new();
+    let mut total = 0;
     loop {
         match resp.chunk().await {
             Ok(Some(chunk)) => {
-                if out.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                total += chunk.len();
+                if total > MAX_RESPONSE_BYTES {
                     return Err(ProviderError::transient("response_too_large"));
                 }
-                out.extend_from_slice(&chunk);
+                chunks.push(chunk);
             }
-            Ok(None) => return Ok(out),
+            Ok(None) if chunks.len() == 1 => return Ok(chunks.swap_remove(0)),
+            Ok(None) => return Ok(chunks.concat().into()),
             Err(e) => return Err(network_error(&e)),
         }
     }
@@ -374,33 +380,53 @@ pub fn parse_retry_after(v: &str) -> Option<Duration> {
     )
 }
 
+/// A JSON string borrowed from the response when it has no escapes (a JWT never does):
+/// the 2 KB access token is then not copied on its way to the [`Secret`].
+#[derive(Deserialize, PartialEq, Eq, Hash)]
+struct JsonStr<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
+
+/// A raw JSON value as a string, if it is one.
+fn json_string(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
+    serde_json::from_str::<JsonStr<'_>>(raw).ok().map(|s| s.0)
+}
+
 /// Parses a 2xx token response (RFC 6749 §5.1).
+///
+/// Fields are read from a map of raw values rather than a `serde_json::Value`: a refresh
+/// then allocates the access token once, not three times, which keeps the heap of a
+/// sidecar refreshing 100k tokens from fragmenting (BENCHMARKS.md, P5). As with a
+/// `Value`, a repeated key counts once, with its last value.
 pub fn parse_token_response(body: &[u8]) -> Result<TokenGrant, ProviderError> {
     let invalid = |what: &'static str| ProviderError {
         hint: Some(what),
         ..ProviderError::transient("invalid_response")
     };
-    let v: Value =
-        serde_json::from_slice(body).map_err(|_| invalid("token response is not JSON"))?;
-    let obj = v
-        .as_object()
-        .ok_or(invalid("token response is not a JSON object"))?;
-    let access_token = match obj.get("access_token") {
-        Some(Value::String(s)) if !s.is_empty() => Secret::new(s.as_str()),
+    let fields: HashMap<JsonStr<'_>, &serde_json::value::RawValue> = serde_json::from_slice(body)
+        .map_err(|_| {
+        if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() {
+            invalid("token response is not a JSON object")
+        } else {
+            invalid("token response is not JSON")
+        }
+    })?;
+    let field = |name: &'static str| fields.get(&JsonStr(name.into())).map(|raw| raw.get());
+    let access_token = match field("access_token").and_then(json_string) {
+        Some(s) if !s.is_empty() => Secret::new(&*s),
         _ => return Err(invalid("token response has no access_token")),
     };
     // Some servers send expires_in as a string; a nonsensical one counts as absent. Under
     // a second is nonsensical too: such a token cannot be used, and planning refreshes
     // for it would call the provider in a tight loop (1e-300 even rounds to zero).
-    let expires_in = match obj.get("expires_in") {
-        Some(Value::Number(n)) => n.as_f64(),
-        Some(Value::String(s)) => s.trim().parse::<f64>().ok(),
-        _ => None,
-    }
-    .filter(|s| s.is_finite() && *s >= 1.0 && *s < 1.0e9)
-    .map(Duration::from_secs_f64);
-    let refresh_token = match obj.get("refresh_token") {
-        Some(Value::String(s)) if !s.is_empty() => Some(Secret::new(s.as_str())),
+    let expires_in = field("expires_in")
+        .and_then(|raw| {
+            serde_json::from_str::<f64>(raw)
+                .ok()
+                .or_else(|| json_string(raw)?.trim().parse::<f64>().ok())
+        })
+        .filter(|s| s.is_finite() && *s >= 1.0 && *s < 1.0e9)
+        .map(Duration::from_secs_f64);
+    let refresh_token = match field("refresh_token").and_then(json_string) {
+        Some(s) if !s.is_empty() => Some(Secret::new(&*s)),
         _ => None,
     };
     Ok(TokenGrant {
@@ -493,12 +519,28 @@ mod tests {
         let g = parse_token_response(br#"{"access_token":"a","expires_in":"60"}"#).unwrap();
         assert_eq!(g.expires_in, Some(Duration::from_secs(60)));
         assert!(g.refresh_token.is_none());
+        // Escapes are decoded; a repeated key counts once, with its last value; fields of
+        // the wrong type count as absent; other fields are ignored whatever they hold.
+        let g = parse_token_response(
+            br#"{"access_token":"x","access_token":"a\/b\u0041","expires_in":null,
+                "refresh_token":7,"scope":["a",{"b":1}],"id_token":"\"q\""}"#,
+        )
+        .unwrap();
+        assert_eq!(g.access_token.expose(), "a/bA");
+        assert_eq!(g.expires_in, None);
+        assert!(g.refresh_token.is_none());
+        let not_object = parse_token_response(b"[1]").unwrap_err();
+        assert_eq!(not_object.hint, Some("token response is not a JSON object"));
+        let not_json = parse_token_response(b"{").unwrap_err();
+        assert_eq!(not_json.hint, Some("token response is not JSON"));
         for bad in [
             &b""[..],
             b"garbage",
             b"[]",
             br#"{"expires_in":1}"#,
             br#"{"access_token":""}"#,
+            br#"{"access_token":1}"#,
+            br#"{"access_token":"a"} trailing"#,
         ] {
             let e = parse_token_response(bad).unwrap_err();
             assert_eq!(e.class, ErrorClass::Transient);
