@@ -136,18 +136,19 @@ impl Signals {
 }
 
 /// glibc gives threads that contend for the heap arenas of their own (up to 8 per core),
-/// and memory freed in one arena cannot serve another. Config loads run on tokio's
-/// blocking pool and tokens are stored on the runtime's threads: with 100k accounts the
-/// extra arenas cost ~40 MB of resident memory (BENCHMARKS.md, P5). One arena per runtime
-/// worker, unless the operator set `MALLOC_ARENA_MAX` (glibc reads it itself). Called
-/// before any thread exists.
+/// and memory freed in one arena cannot serve another: with 100k accounts the default
+/// costs tens of MB of resident memory (BENCHMARKS.md, P5). One arena per runtime worker
+/// plus one for tokio's blocking pool, where config loads run: sharing the serving
+/// thread's arena with a 100k-account parse doubled the p99 latency during reloads.
+/// Unless the operator set `MALLOC_ARENA_MAX` (glibc reads it itself). Called before any
+/// thread exists.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn limit_malloc_arenas(workers: usize) {
     if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
         return;
     }
-    let arenas = libc::c_int::try_from(workers.max(1)).unwrap_or(libc::c_int::MAX);
+    let arenas = libc::c_int::try_from(workers.max(1) + 1).unwrap_or(libc::c_int::MAX);
     // SAFETY: mallopt only sets a glibc tunable; no pointers are involved, and no other
     // thread is running yet.
     unsafe {

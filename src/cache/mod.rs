@@ -116,7 +116,8 @@ struct KeyRecord {
     set: Arc<CredentialSet>,
     /// The key's token; the same cell for as long as the record lives.
     cell: TokenCell,
-    /// Whether `cell` has been put into moka (done once, by the first stored token).
+    /// Whether the first stored token has started putting `cell` into moka (later
+    /// tokens then only write the cell; a request that finds no entry puts it back).
     published: bool,
     /// Bumped whenever the key's credentials are replaced or removed: results of older
     /// fetches are then not stored.
@@ -152,9 +153,10 @@ type DueId = (Instant, u64);
 /// A provider's refresh queue: when each of its keys' next background refresh (or retry)
 /// is due, and the slots that bound how many of them run at once.
 ///
-/// Lock order: the cache's key map lock, then the map of queues, then a queue's own
-/// lock; a queue's task never holds its queue's lock while it starts a refresh. A token
-/// cell's lock is taken alone or innermost. moka is never called under any of them.
+/// Lock order: moka's per-key lock (inside `and_compute_with`), then the cache's key map
+/// lock, then the map of queues, then a queue's own lock; a queue's task never holds its
+/// queue's lock while it starts a refresh. A token cell's lock is taken alone or
+/// innermost. moka is never called under any of our locks.
 struct RefreshQueue {
     /// Each entry names the key by its credential set (a pointer, not a copy of the key)
     /// and the generation it was queued for.
@@ -662,9 +664,10 @@ impl TokenCache {
             .await;
     }
 
-    /// The cell of a tracked key that holds a token but has no moka entry (a removal
-    /// and a re-add raced its publish), put back into moka: without it, the key would be
-    /// served from the miss path, and its token could not be served stale.
+    /// The cell of a tracked key that holds a token but has no moka entry yet (its first
+    /// token is stored and its publish has not landed, or was cancelled), put into moka:
+    /// without it, the key would be served from the miss path, and its token could not
+    /// be served stale.
     async fn unlisted_cell(&self, key: &CredentialKey) -> Option<TokenCell> {
         let cell = {
             let keys = self.lock();
@@ -714,8 +717,9 @@ impl TokenCache {
     /// cache only weakly; dropping the cache closes the queue and ends it.
     async fn run_refreshes(queue: Arc<RefreshQueue>, cache: std::sync::Weak<Self>) {
         while !queue.is_closed() {
-            // A running refresh holds the cache, so by the time the cache is dropped
-            // every slot is back: this wait cannot outlive it.
+            // A running refresh holds the cache until just before it gives its slot
+            // back, so once the cache is dropped every slot returns at once: this wait
+            // cannot outlive it, and the loop then sees the queue closed.
             let Ok(slot) = queue.slots.clone().acquire_owned().await else {
                 return;
             };
