@@ -809,18 +809,23 @@ impl TokenCache {
 
     /// Forgets a key at once: its token, its queued refresh, any result still in flight.
     pub async fn remove(&self, key: &CredentialKey) {
-        use moka::ops::compute::Op;
         let Some(mut rec) = self.lock().remove(key) else {
             return;
         };
         self.unschedule(&mut rec);
         // Only this record's cell: a request still holding the old config may already
         // have made a new record, and published its cell.
+        self.unlist(key, &rec.cell).await;
+    }
+
+    /// Takes `key`'s moka entry out if it is `cell`, under moka's lock for the key.
+    async fn unlist(&self, key: &CredentialKey, cell: &TokenCell) {
+        use moka::ops::compute::Op;
         self.tokens
             .entry_by_ref(key)
             .and_compute_with(|entry| {
                 std::future::ready(match entry {
-                    Some(e) if Arc::ptr_eq(e.value(), &rec.cell) => Op::Remove,
+                    Some(e) if Arc::ptr_eq(e.value(), cell) => Op::Remove,
                     _ => Op::Nop,
                 })
             })
@@ -970,5 +975,92 @@ mod tests {
         q.insert(now + Duration::from_secs(5), s[1].clone(), 2);
         let woke = tokio::time::timeout(Duration::from_millis(1), q.changed.notified()).await;
         assert!(woke.is_ok(), "an earlier entry does");
+    }
+
+    /// A cache whose provider cannot be reached: any upstream call fails at once.
+    fn offline_cache(policy: Policy) -> Arc<TokenCache> {
+        let metrics = Arc::new(Metrics::new());
+        let http = crate::upstream::http_client(Duration::from_secs(1)).unwrap();
+        let store = Arc::new(crate::state::TokenStore::in_memory());
+        let upstream = Arc::new(Upstream::new(http, store, 4, metrics.clone()));
+        TokenCache::new(upstream, policy, metrics, 1)
+    }
+
+    /// Puts a token that lives `life` into `set`'s record, as a finished fetch would, but
+    /// leaves moka without the entry: the state a lost or not yet landed publish leaves.
+    fn token_without_entry(cache: &Arc<TokenCache>, set: &Arc<CredentialSet>, life: Duration) {
+        let mut keys = cache.lock();
+        let rec = cache.record_for(&mut keys, set);
+        *cell_lock(&rec.cell) = Some(CachedToken {
+            body: Bytes::from_static(b"{\"user\":\"u\",\"accessToken\":\"t\"}"),
+            fingerprint: set.fingerprint,
+            expires_at: Instant::now() + life,
+            min_life: Duration::from_secs(60),
+        });
+        rec.expires = Some((Instant::now() + life, SystemTime::now() + life));
+        rec.published = true;
+    }
+
+    #[tokio::test]
+    async fn a_token_whose_moka_entry_is_missing_is_served_and_its_entry_put_back() {
+        let cache = offline_cache(Policy::default());
+        let set = sets(1).remove(0);
+        token_without_entry(&cache, &set, Duration::from_secs(3600));
+        assert!(cache.tokens.get(&set.key).await.is_none());
+
+        let (body, source) = cache.get(&set).await.unwrap();
+        assert_eq!(source, Source::Hit, "served from the record, no fetch");
+        assert_eq!(&body[..], br#"{"user":"u","accessToken":"t"}"#);
+        assert!(
+            cache.tokens.get(&set.key).await.is_some(),
+            "the entry is back: the next request is an ordinary hit"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_aging_token_without_its_moka_entry_is_still_served_stale() {
+        let cache = offline_cache(Policy {
+            request_wait: Duration::from_secs(2),
+            ..Policy::default()
+        });
+        let set = sets(1).remove(0);
+        // Under the minimum life (60 s) but valid: a refresh is tried, the provider is
+        // unreachable, and the aging token is what EmailEngine gets.
+        token_without_entry(&cache, &set, Duration::from_secs(30));
+        let (body, source) = cache.get(&set).await.unwrap();
+        assert_eq!(source, Source::Stale);
+        assert_eq!(&body[..], br#"{"user":"u","accessToken":"t"}"#);
+    }
+
+    #[tokio::test]
+    async fn removing_a_key_removes_only_its_own_moka_entry() {
+        let cache = offline_cache(Policy::default());
+        let set = sets(1).remove(0);
+        token_without_entry(&cache, &set, Duration::from_secs(3600));
+        cache.get(&set).await.unwrap();
+        cache.remove(&set.key).await;
+        assert!(!cache.is_tracked(&set.key));
+        assert!(cache.tokens.get(&set.key).await.is_none());
+
+        // A removal that took the old record out, then a request still holding the old
+        // config that made and published a new one, then the removal's moka step: the
+        // new record's entry stays.
+        token_without_entry(&cache, &set, Duration::from_secs(3600));
+        cache.get(&set).await.unwrap();
+        let old_cell = cache.lock().remove(&set.key).unwrap().cell;
+        token_without_entry(&cache, &set, Duration::from_secs(3600));
+        let new_cell = cache.lock().get(&set.key).unwrap().cell.clone();
+        cache.publish(&set.key, &new_cell).await;
+        cache.unlist(&set.key, &old_cell).await;
+        let entry = cache
+            .tokens
+            .get(&set.key)
+            .await
+            .expect("new record's entry kept");
+        assert!(Arc::ptr_eq(&entry, &new_cell));
+        // And a publish of the old cell, landing late, does not displace it.
+        cache.publish(&set.key, &old_cell).await;
+        let entry = cache.tokens.get(&set.key).await.unwrap();
+        assert!(Arc::ptr_eq(&entry, &new_cell));
     }
 }
