@@ -11,6 +11,12 @@
 # prints req/s, p50 and p99 for each and the ratio. Also prints start-to-ready without
 # pre-warm, idle RSS, RSS with ACCOUNTS warm tokens, and the stripped binary size.
 # Everything stops by itself; nothing leaves loopback.
+#
+# On a machine with 2+ cores and `taskset`, the servers run on core 0 and wrk on core 1:
+# unpinned, the scheduler sometimes puts wrk beside the server under test, and the ratio
+# then swings by ±10 % between identical runs. Each round alternates which server goes
+# first, prints its own ratio, and the server's CPU time per request (from /proc, so
+# independent of how fast wrk could push): the CPU ratio is the steadier of the two.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +35,12 @@ cargo build --release --locked --bin ee-auth-sidecar --example floor --example m
 BIN=target/release/ee-auth-sidecar
 FLOOR=target/release/examples/floor
 MOCK=target/release/examples/mock_idp
+
+# Pinning: servers on core 0, the load generator on core 1 (see the header).
+SERVER_PIN=(); CLIENT_PIN=()
+if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+  SERVER_PIN=(taskset -c 0); CLIENT_PIN=(taskset -c 1)
+fi
 
 work=$(mktemp -d)
 pids=()
@@ -62,14 +74,14 @@ idle_rss=$(rss_kb $cold)
 kill $cold; wait $cold 2>/dev/null || true
 
 # The measured sidecar: pre-warmed.
-"$BIN" serve --config "$work/accounts.json" --listen "127.0.0.1:$SIDE_PORT" --prewarm-concurrency 16 --prewarm-timeout 120s --log-level warn ${SIDECAR_FLAGS:-} 2>"$work/sidecar.err" &
+"${SERVER_PIN[@]}" "$BIN" serve --config "$work/accounts.json" --listen "127.0.0.1:$SIDE_PORT" --prewarm-concurrency 16 --prewarm-timeout 120s --log-level warn ${SIDECAR_FLAGS:-} 2>"$work/sidecar.err" &
 side=$!; pids+=($side)
 wait_ready "http://127.0.0.1:$SIDE_PORT/readyz" 180
 warm_rss=$(rss_kb $side)
 AUTH="Basic $(printf 'emailengine:load-test-password' | base64 -w0)"
 curl -fsS -H "Authorization: $AUTH" "http://127.0.0.1:$SIDE_PORT/authentication?account=acct-0&proto=imap" >"$work/body.json"
-"$FLOOR" "127.0.0.1:$FLOOR_PORT" "$work/body.json" &
-pids+=($!)
+"${SERVER_PIN[@]}" "$FLOOR" "127.0.0.1:$FLOOR_PORT" "$work/body.json" &
+floor=$!; pids+=($floor)
 wait_ready "http://127.0.0.1:$FLOOR_PORT/" 10
 
 cat >"$work/mix.lua" <<LUA
@@ -80,29 +92,47 @@ request = function()
 end
 LUA
 
-run() { # name port -> "rps p50 p99"
-  local out
-  out=$(wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$work/mix.lua" "http://127.0.0.1:$2" 2>&1)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+run() { # name port pid -> "rps p50 p99 cpu_us_per_request"
+  local out c0 c1
+  c0=$(cpu_ticks "$3")
+  out=$("${CLIENT_PIN[@]}" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$work/mix.lua" "http://127.0.0.1:$2" 2>&1)
+  c1=$(cpu_ticks "$3")
   if echo "$out" | grep -q "Non-2xx"; then echo "$1: non-2xx answers" >&2; echo "$out" >&2; exit 1; fi
-  local rps p50 p99
+  local rps p50 p99 n
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   p50=$(echo "$out" | awk '$1=="50%" {print $2}')
   p99=$(echo "$out" | awk '$1=="99%" {print $2}')
-  echo "$rps $p50 $p99"
+  n=$(echo "$out" | awk '/requests in/ {print $1}')
+  echo "$rps $p50 $p99 $(python3 -c "print(f'{($c1 - $c0) * 1e6 / $(getconf CLK_TCK) / $n:.2f}')")"
 }
 
-echo "accounts=$ACCOUNTS token_bytes=$TOKEN_BYTES body_bytes=$(wc -c <"$work/body.json") rounds=$ROUNDS duration=$DURATION connections=$CONNECTIONS cores=$(nproc)"
-printf '%-6s %-8s %12s %10s %10s\n' round server req/s p50 p99
-side_sum=0; floor_sum=0
+echo "accounts=$ACCOUNTS token_bytes=$TOKEN_BYTES body_bytes=$(wc -c <"$work/body.json") rounds=$ROUNDS duration=$DURATION connections=$CONNECTIONS cores=$(nproc) pinned=$([ ${#SERVER_PIN[@]} -gt 0 ] && echo yes || echo no)"
+printf '%-6s %-8s %12s %10s %10s %12s\n' round server req/s p50 p99 cpu-us/req
+results=()
 for r in $(seq 1 "$ROUNDS"); do
-  read -r s_rps s_p50 s_p99 < <(run sidecar "$SIDE_PORT")
-  read -r f_rps f_p50 f_p99 < <(run floor "$FLOOR_PORT")
-  printf '%-6s %-8s %12s %10s %10s\n' "$r" sidecar "$s_rps" "$s_p50" "$s_p99"
-  printf '%-6s %-8s %12s %10s %10s\n' "$r" floor "$f_rps" "$f_p50" "$f_p99"
-  side_sum=$(python3 -c "print($side_sum + $s_rps)")
-  floor_sum=$(python3 -c "print($floor_sum + $f_rps)")
+  # Alternate which server goes first, so a drift in the machine's speed hits both.
+  if [ $((r % 2)) = 1 ]; then
+    read -r s_rps s_p50 s_p99 s_cpu < <(run sidecar "$SIDE_PORT" "$side")
+    read -r f_rps f_p50 f_p99 f_cpu < <(run floor "$FLOOR_PORT" "$floor")
+  else
+    read -r f_rps f_p50 f_p99 f_cpu < <(run floor "$FLOOR_PORT" "$floor")
+    read -r s_rps s_p50 s_p99 s_cpu < <(run sidecar "$SIDE_PORT" "$side")
+  fi
+  printf '%-6s %-8s %12s %10s %10s %12s\n' "$r" sidecar "$s_rps" "$s_p50" "$s_p99" "$s_cpu"
+  printf '%-6s %-8s %12s %10s %10s %12s\n' "$r" floor "$f_rps" "$f_p50" "$f_p99" "$f_cpu"
+  results+=("$s_rps $f_rps $s_cpu $f_cpu")
 done
-python3 -c "s=$side_sum/$ROUNDS; f=$floor_sum/$ROUNDS; print(f'mean req/s: sidecar {s:.0f}, floor {f:.0f}, ratio {s/f:.3f} (P1 target >= 0.90)')"
+printf '%s\n' "${results[@]}" | python3 -c '
+import statistics, sys
+rows = [tuple(map(float, l.split())) for l in sys.stdin if l.strip()]
+s = statistics.mean(r[0] for r in rows); f = statistics.mean(r[1] for r in rows)
+per_round = [r[0] / r[1] for r in rows]
+sc = statistics.mean(r[2] for r in rows); fc = statistics.mean(r[3] for r in rows)
+print(f"mean req/s: sidecar {s:.0f}, floor {f:.0f}, ratio {s / f:.3f} (P1 target >= 0.90); "
+      f"median of the rounds ratios {statistics.median(per_round):.3f}")
+print(f"CPU per request: sidecar {sc:.2f} us, floor {fc:.2f} us, floor/sidecar {fc / sc:.3f}")
+'
 
 # P5: cache-hit latency while the whole map is reloaded (one account changes every 2 s,
 # so every reload parses, validates and diffs all ACCOUNTS).
@@ -121,7 +151,7 @@ cp "$work/accounts.json" "$work/accounts.json.a"
     sleep 2
   done ) &
 reloader=$!
-read -r r_rps r_p50 r_p99 < <(run sidecar-reloading "$SIDE_PORT")
+read -r r_rps r_p50 r_p99 _ < <(run sidecar-reloading "$SIDE_PORT" "$side")
 wait $reloader
 reloads=$(curl -fsS "http://127.0.0.1:$SIDE_PORT/metrics" | awk '/^ee_auth_config_reloads_total\{outcome="ok"\}/ {print $2}')
 echo "during reloads of all $ACCOUNTS accounts every 2 s: $r_rps req/s, p50 $r_p50, p99 $r_p99 (P5 target p99 <= 10 ms); reloads ok so far: $reloads"

@@ -3,9 +3,11 @@
 //! stale-while-error, and back-off that keeps a failing identity provider from being
 //! hammered.
 //!
-//! Hot path: one moka lookup, a short lock of the key's cell to copy its token out, and a
-//! fingerprint compare; the answer body was serialized when the token was stored and is
-//! handed out as a refcounted `Bytes`.
+//! Hot path: the credential set remembers the cell moka gave it ([`TokenMemo`]), so a
+//! repeat hit is a pointer load, a short lock of the cell, a fingerprint compare and a
+//! freshness check; the answer body was serialized when the token was stored and is
+//! handed out as a refcounted `Bytes`. A set's first request, and any that finds no
+//! token through its remembered cell, looks the key up in moka.
 //!
 //! Everything that coordinates fetches lives in one `std::sync::Mutex<HashMap>` of key
 //! records, touched only on misses, refreshes and failures, and never held across an
@@ -96,7 +98,12 @@ struct Failure {
     consecutive: u32,
 }
 
-/// Where a key's current token lives: shared by the key's record and its moka entry.
+/// Where a key's current token lives: shared by the key's record, its moka entry, and
+/// the credential sets that remember it ([`TokenMemo`]).
+///
+/// Rule: a cell is emptied before its record leaves the key map ([`TokenCache::remove`]),
+/// and only a record still in the map writes a token into its cell. So a cell that is no
+/// longer its key's holds no token, and a set remembering it goes back to moka.
 ///
 /// A refresh replaces the token in place, so moka's entry is written once per key rather
 /// than once per refresh: each moka write allocates ~230 bytes, and with 100k keys
@@ -108,6 +115,43 @@ type TokenCell = Arc<Mutex<Option<CachedToken>>>;
 fn cell_lock(cell: &TokenCell) -> MutexGuard<'_, Option<CachedToken>> {
     // Reads and writes are single assignments: a poisoned cell still holds a whole token.
     cell.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Looks at the token in `cell`: the answer if it was fetched with `set`'s credentials
+/// and is fresh (a refcount bump, nothing else copied); else that token, aging or
+/// expired, for the slow path to judge; else nothing.
+fn read_cell(cell: &TokenCell, set: &CredentialSet) -> Result<Bytes, Option<CachedToken>> {
+    let guard = cell_lock(cell);
+    let Some(tok) = guard.as_ref().filter(|t| t.fingerprint == set.fingerprint) else {
+        return Err(None);
+    };
+    let remaining = tok.expires_at.checked_duration_since(Instant::now());
+    if schedule::freshness(remaining, tok.min_life) == Freshness::Fresh {
+        Ok(tok.body.clone())
+    } else {
+        Err(Some(tok.clone()))
+    }
+}
+
+/// The token cell a credential set found in moka last, kept in the set (see
+/// [`CredentialSet::token_cell`]) so that a repeat hit reads the cell directly.
+///
+/// moka's lookup with its read bookkeeping (an access-order queue for an eviction we do
+/// not use) cost ~0.8 µs of CPU per hit under load, mostly CPU cache misses: 7 % of the
+/// request (BENCHMARKS.md, P1). moka stays the index for everything but a fresh hit: a
+/// set's first request, and any that finds no fresh token through its remembered cell,
+/// look the key up there and remember the cell moka has. Opaque outside the cache.
+#[derive(Default)]
+pub struct TokenMemo(arc_swap::ArcSwapOption<Mutex<Option<CachedToken>>>);
+
+impl std::fmt::Debug for TokenMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token: only whether a cell is remembered.
+        let remembered = self.0.load().is_some();
+        f.debug_struct("TokenMemo")
+            .field("remembered", &remembered)
+            .finish()
+    }
 }
 
 /// Coordination state of one key. One per tracked key, so kept small: the failure
@@ -274,7 +318,8 @@ fn rfc3339(t: SystemTime) -> String {
 
 /// The token cache.
 pub struct TokenCache {
-    /// The hot path's index: key to token cell, read without taking `keys`' lock.
+    /// The index from key to token cell, read without taking `keys`' lock: a set's first
+    /// request and every request that finds no fresh token through its [`TokenMemo`].
     tokens: moka::future::Cache<CredentialKey, TokenCell>,
     keys: Mutex<HashMap<CredentialKey, KeyRecord>>,
     /// Refresh queues by provider name, made (and their tasks started) on first use.
@@ -345,18 +390,35 @@ impl TokenCache {
         self: &Arc<Self>,
         set: &Arc<CredentialSet>,
     ) -> Result<(Bytes, Source), CacheError> {
+        // The cell this set found last time: nothing but a pointer load when it is there.
+        let mut cached = {
+            let remembered = set.token_cell.0.load();
+            match remembered.as_ref().map(|cell| read_cell(cell, set)) {
+                Some(Ok(body)) => return Ok(self.hit(body)),
+                Some(Err(found)) => found,
+                None => None,
+            }
+        };
+        // No fresh token through the remembered cell (none remembered yet; its token
+        // is aging, or of other credentials; the key's record was replaced): ask the
+        // index, and remember the cell it has.
         let cell = match self.tokens.get(&set.key).await {
             Some(cell) => Some(cell),
             None => self.unlisted_cell(&set.key).await,
         };
-        let cached = cell
-            .and_then(|cell| cell_lock(&cell).clone())
-            .filter(|t| t.fingerprint == set.fingerprint);
-        if let Some(tok) = &cached {
-            let remaining = tok.expires_at.checked_duration_since(Instant::now());
-            if schedule::freshness(remaining, tok.min_life) == Freshness::Fresh {
-                self.metrics.cache_event(CacheEvent::Hit);
-                return Ok((tok.body.clone(), Source::Hit));
+        if let Some(cell) = cell {
+            let known = set
+                .token_cell
+                .0
+                .load()
+                .as_ref()
+                .is_some_and(|r| Arc::ptr_eq(r, &cell));
+            if !known {
+                set.token_cell.0.store(Some(cell.clone()));
+            }
+            match read_cell(&cell, set) {
+                Ok(body) => return Ok(self.hit(body)),
+                Err(found) => cached = found,
             }
         }
         // With a valid (aging) token in hand, a slow or stalled provider must not turn it
@@ -395,6 +457,11 @@ impl TokenCache {
                 }
             },
         }
+    }
+
+    fn hit(&self, body: Bytes) -> (Bytes, Source) {
+        self.metrics.cache_event(CacheEvent::Hit);
+        (body, Source::Hit)
     }
 
     /// Joins the fetch under way for the key, or starts one unless the key is backing
@@ -813,6 +880,9 @@ impl TokenCache {
             return;
         };
         self.unschedule(&mut rec);
+        // Credential sets of older configs may remember this cell: emptied, it sends
+        // them to the index instead of serving a token of a removed key.
+        cell_lock(&rec.cell).take();
         // Only this record's cell: a request still holding the old config may already
         // have made a new record, and published its cell.
         self.unlist(key, &rec.cell).await;
@@ -1030,6 +1100,60 @@ mod tests {
         let (body, source) = cache.get(&set).await.unwrap();
         assert_eq!(source, Source::Stale);
         assert_eq!(&body[..], br#"{"user":"u","accessToken":"t"}"#);
+    }
+
+    fn remembers(set: &CredentialSet, cell: &TokenCell) -> bool {
+        set.token_cell
+            .0
+            .load()
+            .as_ref()
+            .is_some_and(|r| Arc::ptr_eq(r, cell))
+    }
+
+    #[tokio::test]
+    async fn a_set_remembers_its_cell_and_goes_back_to_the_index_when_the_record_is_new() {
+        // Offline provider: any fetch fails, so every `Hit` below was served from memory.
+        let cache = offline_cache(Policy::default());
+        let set = sets(1).remove(0);
+        token_without_entry(&cache, &set, Duration::from_secs(3600));
+        assert_eq!(cache.get(&set).await.unwrap().1, Source::Hit);
+        let first = cache.lock().get(&set.key).unwrap().cell.clone();
+        assert!(
+            remembers(&set, &first),
+            "the set remembers the cell it found"
+        );
+        // With moka's entry gone, a hit can only have come through the remembered cell
+        // (a lookup in moka would have put the entry back).
+        cache.tokens.invalidate(&set.key).await;
+        assert_eq!(cache.get(&set).await.unwrap().1, Source::Hit);
+        assert!(cache.tokens.get(&set.key).await.is_none());
+        cache.publish(&set.key, &first).await;
+
+        // The key is removed and comes back with a new record (a new cell); the set
+        // still points at the old, emptied one.
+        cache.remove(&set.key).await;
+        token_without_entry(&cache, &set, Duration::from_secs(3600));
+        let second = cache.lock().get(&set.key).unwrap().cell.clone();
+        assert!(!Arc::ptr_eq(&first, &second));
+        let (body, source) = cache.get(&set).await.unwrap();
+        assert_eq!(source, Source::Hit, "found through the index, not fetched");
+        assert_eq!(&body[..], br#"{"user":"u","accessToken":"t"}"#);
+        assert!(remembers(&set, &second), "and remembered from then on");
+    }
+
+    #[tokio::test]
+    async fn a_removed_key_is_not_served_through_a_remembered_cell() {
+        let cache = offline_cache(Policy {
+            request_wait: Duration::from_millis(200),
+            ..Policy::default()
+        });
+        let set = sets(1).remove(0);
+        token_without_entry(&cache, &set, Duration::from_secs(3600));
+        assert_eq!(cache.get(&set).await.unwrap().1, Source::Hit);
+        // A request holding the config from before the removal asks again: the token of
+        // the removed key is gone, so it must fetch (and the provider is unreachable).
+        cache.remove(&set.key).await;
+        assert!(cache.get(&set).await.is_err());
     }
 
     #[tokio::test]
