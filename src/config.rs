@@ -666,17 +666,36 @@ fn key_path(parent: &str, key: &str) -> String {
 fn duplicate_key(text: &[u8]) -> Option<String> {
     use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 
-    /// Walks a JSON document, recording the first duplicate key; `.1` is the path here.
-    struct Walk<'a>(&'a mut Option<String>, String);
+    /// Where the walk is, as borrowed segments: rendered into a path only for the
+    /// duplicate it reports (a path string per key cost 0.1 s for a map of 100k accounts).
+    #[derive(Clone, Copy)]
+    enum Trail<'t> {
+        Root,
+        Key(&'t Trail<'t>, &'t str),
+        Index(&'t Trail<'t>, usize),
+    }
 
-    impl<'de> DeserializeSeed<'de> for Walk<'_> {
+    impl Trail<'_> {
+        fn render(&self) -> String {
+            match self {
+                Trail::Root => String::new(),
+                Trail::Key(parent, key) => key_path(&parent.render(), key),
+                Trail::Index(parent, i) => format!("{}[{i}]", parent.render()),
+            }
+        }
+    }
+
+    /// Walks a JSON document, recording the first duplicate key; `.1` is where it is.
+    struct Walk<'a, 't>(&'a mut Option<String>, Trail<'t>);
+
+    impl<'de> DeserializeSeed<'de> for Walk<'_, '_> {
         type Value = ();
         fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
             d.deserialize_any(self)
         }
     }
 
-    impl<'de> Visitor<'de> for Walk<'_> {
+    impl<'de> Visitor<'de> for Walk<'_, '_> {
         type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("any JSON value")
@@ -684,18 +703,19 @@ fn duplicate_key(text: &[u8]) -> Option<String> {
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
             let mut seen = std::collections::HashSet::new();
             while let Some(key) = map.next_key::<String>()? {
-                let path = key_path(&self.1, &key);
-                if !seen.insert(key) && self.0.is_none() {
-                    *self.0 = Some(path.clone());
+                let here = Trail::Key(&self.1, &key);
+                if self.0.is_none() && seen.contains(&key) {
+                    *self.0 = Some(here.render());
                 }
-                map.next_value_seed(Walk(&mut *self.0, path))?;
+                map.next_value_seed(Walk(&mut *self.0, here))?;
+                seen.insert(key);
             }
             Ok(())
         }
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
             let mut i = 0;
             while seq
-                .next_element_seed(Walk(&mut *self.0, format!("{}[{i}]", self.1)))?
+                .next_element_seed(Walk(&mut *self.0, Trail::Index(&self.1, i)))?
                 .is_some()
             {
                 i += 1;
@@ -725,7 +745,7 @@ fn duplicate_key(text: &[u8]) -> Option<String> {
     let mut found = None;
     let mut de = serde_json::Deserializer::from_slice(text);
     // The text already parsed as JSON; an error here can only be one we do not care about.
-    let _ = Walk(&mut found, String::new()).deserialize(&mut de);
+    let _ = Walk(&mut found, Trail::Root).deserialize(&mut de);
     found
 }
 
@@ -1273,5 +1293,33 @@ mod tests {
         let e = parse_str("{\"accounts\": {").err().unwrap();
         assert_eq!(e[0].path, "(file)");
         assert!(e[0].message.contains("line 1"), "{}", e[0].message);
+    }
+
+    #[test]
+    fn a_key_given_twice_is_named_by_its_whole_path_through_lists_and_odd_keys() {
+        let cases = [
+            (
+                r#"{"auth": [{"username": "a", "password": "p"}, {"username": "b", "username": "c", "password": "q"}]}"#,
+                "auth[1].username",
+            ),
+            (
+                r#"{"accounts": {"a b": {"user": "u", "pass": "p"}, "x": {"user": "u", "pass": "p", "pass": "q"}}}"#,
+                "accounts.x.pass",
+            ),
+            (
+                r#"{"accounts": {"a b": {"user": "u", "user": "v", "pass": "p"}}}"#,
+                r#"accounts["a b"].user"#,
+            ),
+        ];
+        for (text, path) in cases {
+            let e = parse_str(text).err().unwrap();
+            assert_eq!(e[0].path, path, "{text}");
+            assert!(e[0].message.contains("appears twice"), "{}", e[0].message);
+        }
+        // Keys seen in one object do not count in another.
+        assert!(
+            duplicate_key(br#"{"a": {"k": 1}, "b": {"k": 2}, "c": [{"k": 3}, {"k": 4}]}"#)
+                .is_none()
+        );
     }
 }

@@ -762,7 +762,8 @@ impl TokenCache {
             .clone()
     }
 
-    /// Removes the key's queued refresh, if any (caller holds the key map's lock).
+    /// Removes the key's queued refresh, if any (caller holds the key map's lock, or owns
+    /// the record after taking it out of the map).
     fn unschedule(&self, rec: &mut KeyRecord) {
         if let Some(id) = rec.due.take() {
             let queues = self.refreshes.lock().unwrap_or_else(|p| p.into_inner());
