@@ -346,7 +346,8 @@ impl Sidecar {
         let new_c = new.clone();
         let diff = match at_low_priority(move || {
             let diff = Diff::between(&old, &new_c);
-            retire(old);
+            drop(old);
+            release_freed_memory();
             diff
         })
         .await
@@ -448,24 +449,6 @@ async fn at_low_priority<T: Send + 'static>(
         .map_err(|_| WorkerLost("could not be started"))?;
     // The sender is dropped without a value only if `work` panicked.
     result.await.map_err(|_| WorkerLost("panicked"))
-}
-
-/// Frees a replaced config and hands the freed memory back to the OS, on a thread of its
-/// own at low priority: for 100k accounts that is ~0.1 s of freeing that the reload need
-/// not wait for. Requests still holding the config keep it alive until they finish.
-fn retire(old: Arc<Config>) {
-    let spawned = std::thread::Builder::new()
-        .name("ee-retire".into())
-        .spawn(move || {
-            lower_this_threads_priority();
-            drop(old);
-            release_freed_memory();
-        });
-    if let Err(e) = spawned {
-        // No thread to spare: the closure (and the config in it) is already dropped here.
-        tracing::debug!(error = %e, "freeing the previous config in the reload's thread");
-        release_freed_memory();
-    }
 }
 
 /// Nice +10 for the calling thread (on Linux a thread's own setting, unlike POSIX's
