@@ -12,11 +12,12 @@
 # pre-warm, idle RSS, RSS with ACCOUNTS warm tokens, and the stripped binary size.
 # Everything stops by itself; nothing leaves loopback.
 #
-# On a machine with 2+ cores and `taskset`, the servers run on core 0 and wrk on core 1:
-# unpinned, the scheduler sometimes puts wrk beside the server under test, and the ratio
-# then swings by ±10 % between identical runs. Each round alternates which server goes
-# first, prints its own ratio, and the server's CPU time per request (from /proc, so
-# independent of how fast wrk could push): the CPU ratio is the steadier of the two.
+# On a machine with 2+ usable cores and `taskset`, the servers run on the first and wrk
+# on the second: unpinned, the scheduler sometimes puts wrk beside the server under test,
+# and the ratio then swings by ±10 % between identical runs. Rounds alternate which server
+# goes first and print each server's CPU time per request (from /proc, so independent of
+# how fast wrk could push); the summary gives the mean ratio, the median of the rounds'
+# ratios, and the CPU ratio, the steadiest of the three.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,8 +39,10 @@ MOCK=target/release/examples/mock_idp
 
 # Pinning: servers on core 0, the load generator on core 1 (see the header).
 SERVER_PIN=(); CLIENT_PIN=()
-if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
-  SERVER_PIN=(taskset -c 0); CLIENT_PIN=(taskset -c 1)
+# The first two CPUs this process may use (a cpuset need not start at CPU 0).
+read -r CPU_A CPU_B < <(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0))[:2])')
+if command -v taskset >/dev/null && [ -n "${CPU_B:-}" ]; then
+  SERVER_PIN=(taskset -c "$CPU_A"); CLIENT_PIN=(taskset -c "$CPU_B")
 fi
 
 work=$(mktemp -d)
@@ -104,6 +107,7 @@ run() { # name port pid -> "rps p50 p99 cpu_us_per_request"
   p50=$(echo "$out" | awk '$1=="50%" {print $2}')
   p99=$(echo "$out" | awk '$1=="99%" {print $2}')
   n=$(echo "$out" | awk '/requests in/ {print $1}')
+  if [ -z "$n" ] || [ "$n" = 0 ]; then echo "$1: wrk completed no request" >&2; echo "$out" >&2; exit 1; fi
   echo "$rps $p50 $p99 $(python3 -c "print(f'{($c1 - $c0) * 1e6 / $(getconf CLK_TCK) / $n:.2f}')")"
 }
 

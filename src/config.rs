@@ -1316,6 +1316,11 @@ mod tests {
             assert_eq!(e[0].path, path, "{text}");
             assert!(e[0].message.contains("appears twice"), "{}", e[0].message);
         }
+        // The first duplicate in document order is the one named.
+        assert_eq!(
+            duplicate_key(br#"{"a": {"k": 1, "k": 2}, "a": 3}"#).as_deref(),
+            Some("a.k")
+        );
         // Keys seen in one object do not count in another.
         assert!(
             duplicate_key(br#"{"a": {"k": 1}, "b": {"k": 2}, "c": [{"k": 3}, {"k": 4}]}"#)

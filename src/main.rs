@@ -36,8 +36,8 @@ fn main() {
     limit_malloc_arenas(workers);
     // One thread by default: a request is a few microseconds of work, the pod's CPU
     // belongs to EmailEngine, and a single-threaded runtime has no cross-core contention
-    // on the cache and the counters (BENCHMARKS.md, P1). Blocking work (config parsing,
-    // fsync) runs on tokio's blocking pool either way.
+    // on the cache and the counters (BENCHMARKS.md, P1). Blocking work (fsync) runs on
+    // tokio's blocking pool, config reloads on a low-priority thread of their own.
     let runtime = if workers <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -138,8 +138,10 @@ impl Signals {
 /// glibc gives threads that contend for the heap arenas of their own (up to 8 per core),
 /// and memory freed in one arena cannot serve another: with 100k accounts the default
 /// costs tens of MB of resident memory (BENCHMARKS.md, P5). One arena per runtime worker
-/// plus one for tokio's blocking pool, where config loads run: sharing the serving
-/// thread's arena with a 100k-account parse doubled the p99 latency during reloads.
+/// plus one for the other threads (reloads, tokio's blocking pool): with a single arena
+/// a 100k-account parse contended with the serving thread and doubled the p99 latency
+/// during reloads. glibc hands a new thread a free arena first, but past the limit it may
+/// share any, so this bounds the contention rather than ruling it out.
 /// Unless the operator set `MALLOC_ARENA_MAX` (glibc reads it itself). Called before any
 /// thread exists.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -451,16 +451,15 @@ async fn at_low_priority<T: Send + 'static>(
     result.await.map_err(|_| WorkerLost("panicked"))
 }
 
-/// Nice +10 for the calling thread (on Linux a thread's own setting, unlike POSIX's
-/// per-process one). Best effort: without it a reload only competes as before.
+/// Nice +10 for the calling thread, relative to the process's own value (on Linux nice is
+/// a thread's setting, unlike POSIX's per-process one, and `nice` changes the caller's).
+/// Best effort: without it a reload only competes as before.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 fn lower_this_threads_priority() {
-    // SAFETY: gettid and setpriority take no pointers; they only change this thread's
-    // scheduling weight.
+    // SAFETY: nice takes no pointers; it only lowers this thread's scheduling weight.
     unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+        libc::nice(10);
     }
 }
 
@@ -704,9 +703,9 @@ mod tests {
     #[tokio::test]
     #[allow(unsafe_code)]
     async fn reload_work_runs_at_a_lower_priority_than_the_serving_thread() {
-        // SAFETY: getpriority takes no pointers; it reads a thread's nice value.
-        let nice_of_this_thread =
-            || unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+        // SAFETY: getpriority takes no pointers; with 0 it reads the calling thread's nice
+        // value (Linux).
+        let nice_of_this_thread = || unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
         let serving = nice_of_this_thread();
         let reload = at_low_priority(nice_of_this_thread).await.unwrap();
         assert_eq!(reload, (serving + 10).min(19));
