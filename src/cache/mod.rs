@@ -144,6 +144,20 @@ fn read_cell(cell: &TokenCell, set: &CredentialSet) -> Result<Bytes, Option<Cach
 #[derive(Default)]
 pub struct TokenMemo(arc_swap::ArcSwapOption<Mutex<Option<CachedToken>>>);
 
+impl TokenMemo {
+    /// Whether `cell` is the one remembered.
+    fn holds(&self, cell: &TokenCell) -> bool {
+        self.0.load().as_ref().is_some_and(|r| Arc::ptr_eq(r, cell))
+    }
+
+    /// Remembers `cell` from now on, unless it already is the one remembered.
+    fn remember(&self, cell: &TokenCell) {
+        if !self.holds(cell) {
+            self.0.store(Some(cell.clone()));
+        }
+    }
+}
+
 impl std::fmt::Debug for TokenMemo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the token: only whether a cell is remembered.
@@ -407,15 +421,7 @@ impl TokenCache {
             None => self.unlisted_cell(&set.key).await,
         };
         if let Some(cell) = cell {
-            let known = set
-                .token_cell
-                .0
-                .load()
-                .as_ref()
-                .is_some_and(|r| Arc::ptr_eq(r, &cell));
-            if !known {
-                set.token_cell.0.store(Some(cell.clone()));
-            }
+            set.token_cell.remember(&cell);
             match read_cell(&cell, set) {
                 Ok(body) => return Ok(self.hit(body)),
                 Err(found) => cached = found,
@@ -1103,14 +1109,6 @@ mod tests {
         assert_eq!(&body[..], br#"{"user":"u","accessToken":"t"}"#);
     }
 
-    fn remembers(set: &CredentialSet, cell: &TokenCell) -> bool {
-        set.token_cell
-            .0
-            .load()
-            .as_ref()
-            .is_some_and(|r| Arc::ptr_eq(r, cell))
-    }
-
     #[tokio::test]
     async fn a_set_remembers_its_cell_and_goes_back_to_the_index_when_the_record_is_new() {
         // Offline provider: any fetch fails, so every `Hit` below was served from memory.
@@ -1120,7 +1118,7 @@ mod tests {
         assert_eq!(cache.get(&set).await.unwrap().1, Source::Hit);
         let first = cache.lock().get(&set.key).unwrap().cell.clone();
         assert!(
-            remembers(&set, &first),
+            set.token_cell.holds(&first),
             "the set remembers the cell it found"
         );
         // With moka's entry gone, a hit can only have come through the remembered cell
@@ -1139,7 +1137,7 @@ mod tests {
         let (body, source) = cache.get(&set).await.unwrap();
         assert_eq!(source, Source::Hit, "found through the index, not fetched");
         assert_eq!(&body[..], br#"{"user":"u","accessToken":"t"}"#);
-        assert!(remembers(&set, &second), "and remembered from then on");
+        assert!(set.token_cell.holds(&second), "and remembered from then on");
     }
 
     #[tokio::test]
