@@ -707,7 +707,7 @@ impl TokenCache {
                 code = %e.code,
                 provider_code = e.provider_code.as_deref().unwrap_or(""),
                 hint = e.hint.unwrap_or(""),
-                redirect_host = e.redirect_host.as_deref().unwrap_or(""),
+                redirect_host = e.redirect_host.as_deref(),
                 consecutive,
                 retry_in_ms = delay.as_millis() as u64,
                 "token refresh failed"
@@ -736,7 +736,7 @@ impl TokenCache {
                 code = %e.code,
                 provider_code = e.provider_code.as_deref().unwrap_or(""),
                 hint = e.hint.unwrap_or(""),
-                redirect_host = e.redirect_host.as_deref().unwrap_or(""),
+                redirect_host = e.redirect_host.as_deref(),
                 "token refresh failed (for credentials replaced since; not retried)"
             );
         }
