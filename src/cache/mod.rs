@@ -320,7 +320,7 @@ pub struct ErrorStatus {
     pub hint: Option<&'static str>,
     /// Where the token endpoint redirected to (host and port only).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub redirect_host: Option<String>,
+    pub redirect_host: Option<Box<str>>,
     /// When it happened (RFC 3339).
     pub at: String,
     /// Failures in a row.

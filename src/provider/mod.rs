@@ -107,8 +107,8 @@ pub struct ProviderError {
     /// The provider's `Retry-After`, at most [`MAX_RETRY_AFTER`].
     pub retry_after: Option<Duration>,
     /// The host (and port) a redirect pointed at; never its path or query, which may
-    /// carry request data.
-    pub redirect_host: Option<String>,
+    /// carry request data. Boxed: errors travel inside every serving error.
+    pub redirect_host: Option<Box<str>>,
 }
 
 impl ProviderError {
@@ -363,7 +363,8 @@ fn redirect_error(resp: &reqwest::Response) -> ProviderError {
             })
         })
         // No DNS name is longer; a longer one is not worth echoing.
-        .filter(|h| h.len() <= 260);
+        .filter(|h| h.len() <= 260)
+        .map(String::into_boxed_str);
     ProviderError {
         hint: Some(
             "the token endpoint answered with a redirect, which is never followed (it would re-send the credentials); set tokenUrl to the final URL",
