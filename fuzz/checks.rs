@@ -53,7 +53,7 @@ pub fn config(data: &[u8]) {
 pub fn token_response(data: &[u8]) {
     if let Ok(g) = ee_auth_sidecar::provider::parse_token_response(data) {
         assert!(!g.access_token.expose().is_empty());
-        if let Some(l) = g.expires_in {
+        if let ee_auth_sidecar::provider::ExpiresIn::Given(l) = g.expires_in {
             assert!(l.as_secs() >= 1, "{l:?}");
         }
         if let Some(r) = &g.refresh_token {

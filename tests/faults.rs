@@ -840,6 +840,51 @@ async fn odd_expires_in_values_are_refused_or_clamped_never_defaulted() {
     sc.shutdown().await;
 }
 
+/// An answer refused for its `expires_in` (or its token) may still carry a rotated
+/// refresh token, and a rotating provider has already revoked the old one: the new one is
+/// kept and spent next time, never dropped with the answer.
+#[tokio::test]
+async fn a_rotated_refresh_token_in_a_refused_answer_is_kept() {
+    let idp = MockIdp::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sc = one_account_each(&idp, dir.path(), &["a", "b"]).await;
+    let c = client();
+    for (account, body) in [
+        (
+            "a",
+            r#"{"access_token":"t","expires_in":0,"refresh_token":"rt-new-a"}"#,
+        ),
+        (
+            "b",
+            r#"{"access_token":"t t","expires_in":60,"refresh_token":"rt-new-b"}"#,
+        ),
+    ] {
+        idp.set_fault(Fault::Body(body.into()));
+        let r = ask(
+            &c,
+            sc.local_addr,
+            &format!("account={account}&proto=imap"),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 429, "{account}: {}", r.body);
+    }
+    idp.set_fault(Fault::None);
+    // The retries (back-off of about a second) spend what the refused answers carried.
+    let spent = |account: &str| {
+        let want = format!("rt-new-{account}");
+        idp.requests()
+            .iter()
+            .any(|r| r.form.get("refresh_token") == Some(&want))
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || spent("a") && spent("b")).await,
+        "{:?}",
+        idp.requests().iter().map(|r| &r.form).collect::<Vec<_>>()
+    );
+    sc.shutdown().await;
+}
+
 /// Regression (#13 item 13): access tokens EmailEngine cannot put into an `Authorization`
 /// header or an XOAUTH2 string (LF, CR, NUL, quotes, spaces, anything outside RFC 6750's
 /// b64token) used to be served with 200. They are a provider error now, and the token

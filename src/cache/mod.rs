@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use crate::config::{CredentialKey, CredentialSet};
 use crate::metrics::{CacheEvent, Metrics, RefreshOutcome};
 use crate::protocol;
-use crate::provider::{ErrorClass, ProviderError};
+use crate::provider::{ErrorClass, ExpiresIn, ProviderError};
 use crate::upstream::Upstream;
 use schedule::{Freshness, Policy};
 
@@ -607,13 +607,22 @@ impl TokenCache {
                 return Err(self.fetch_failed(&set, generation, e));
             }
         };
+        // A rotated refresh token in this answer is kept already (`Upstream::fetch`),
+        // whatever is wrong with the rest of it.
         let lifetime = match grant.expires_in {
-            Some(l) if l > schedule::MAX_LIFETIME => {
+            ExpiresIn::Unusable => {
+                let e = ProviderError {
+                    hint: Some("expires_in is not a number of seconds of at least 1"),
+                    ..ProviderError::transient("invalid_response")
+                };
+                return Err(self.fetch_failed(&set, generation, e));
+            }
+            ExpiresIn::Given(l) if l > schedule::MAX_LIFETIME => {
                 self.warn_long_lifetime(&set, l);
                 schedule::MAX_LIFETIME
             }
-            Some(l) => l,
-            None => {
+            ExpiresIn::Given(l) => l,
+            ExpiresIn::Absent => {
                 tracing::info!(account = %set.key.account, provider = %set.provider_name,
                     assumed_seconds = self.policy.default_lifetime.as_secs(),
                     "token response has no expires_in; assuming a conservative lifetime");

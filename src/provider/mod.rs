@@ -66,10 +66,22 @@ pub struct TokenRequest<'a> {
 pub struct TokenGrant {
     /// The access token.
     pub access_token: Secret,
-    /// Its lifetime, when the provider said.
-    pub expires_in: Option<Duration>,
+    /// Its lifetime, as the provider said it.
+    pub expires_in: ExpiresIn,
     /// A new refresh token, when the provider rotated it.
     pub refresh_token: Option<Secret>,
+}
+
+/// What a token response says about the token's lifetime. An unusable one is not a parse
+/// error: the answer may carry a rotated refresh token, which must still be kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpiresIn {
+    /// No `expires_in` (or `null`): the caller assumes `--default-lifetime`.
+    Absent,
+    /// At least a second (not clamped: that is the caller's policy).
+    Given(Duration),
+    /// Zero, negative, under a second or not a number: the token is already unusable.
+    Unusable,
 }
 
 /// Whether retrying can help.
@@ -456,20 +468,16 @@ pub fn parse_token_response(body: &[u8]) -> Result<TokenGrant, ProviderError> {
         Some(s) if !s.is_empty() => Secret::new(&*s),
         _ => return Err(invalid("token response has no access_token")),
     };
-    // Absent (or null): the caller assumes --default-lifetime. Some servers send it as a
-    // string. Zero, negative, under a second or not a number says the token is already
-    // unusable (and planning refreshes for it would call the provider in a tight loop),
-    // so nothing from such an answer is served. Too long is the caller's to clamp.
+    // Some servers send expires_in as a string. Under a second is unusable too: planning
+    // refreshes for such a token would call the provider in a tight loop.
     let expires_in = match field("expires_in") {
-        None | Some("null") => None,
-        Some(raw) => Some(
-            serde_json::from_str::<f64>(raw)
-                .ok()
-                .or_else(|| json_string(raw)?.trim().parse::<f64>().ok())
-                .filter(|s| *s >= 1.0)
-                .and_then(|s| Duration::try_from_secs_f64(s).ok())
-                .ok_or_else(|| invalid("expires_in is not a number of seconds of at least 1"))?,
-        ),
+        None | Some("null") => ExpiresIn::Absent,
+        Some(raw) => serde_json::from_str::<f64>(raw)
+            .ok()
+            .or_else(|| json_string(raw)?.trim().parse::<f64>().ok())
+            .filter(|s| *s >= 1.0)
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .map_or(ExpiresIn::Unusable, ExpiresIn::Given),
     };
     let refresh_token = match field("refresh_token").and_then(json_string) {
         Some(s) if !s.is_empty() => Some(Secret::new(&*s)),
@@ -583,10 +591,10 @@ mod tests {
             parse_token_response(br#"{"access_token":"a","expires_in":3599,"refresh_token":"r"}"#)
                 .unwrap();
         assert_eq!(g.access_token.expose(), "a");
-        assert_eq!(g.expires_in, Some(Duration::from_secs(3599)));
+        assert_eq!(g.expires_in, ExpiresIn::Given(Duration::from_secs(3599)));
         assert_eq!(g.refresh_token.unwrap().expose(), "r");
         let g = parse_token_response(br#"{"access_token":"a","expires_in":"60"}"#).unwrap();
-        assert_eq!(g.expires_in, Some(Duration::from_secs(60)));
+        assert_eq!(g.expires_in, ExpiresIn::Given(Duration::from_secs(60)));
         assert!(g.refresh_token.is_none());
         // Escapes are decoded; a repeated key counts once, with its last value; fields of
         // the wrong type count as absent; other fields are ignored whatever they hold.
@@ -596,10 +604,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(g.access_token.expose(), "a/bA");
-        assert_eq!(g.expires_in, None);
+        assert_eq!(g.expires_in, ExpiresIn::Absent);
         assert!(g.refresh_token.is_none());
         // expires_in: a number or numeric string of at least a second; too long is the
-        // cache's to clamp; anything else is not a token this sidecar can serve.
+        // cache's to clamp; anything else is unusable (the cache refuses it, after the
+        // answer's refresh token is kept).
         for (v, secs) in [
             ("1", 1.0),
             ("3599.5", 3599.5),
@@ -608,15 +617,19 @@ mod tests {
         ] {
             let body = format!(r#"{{"access_token":"a","expires_in":{v}}}"#);
             let g = parse_token_response(body.as_bytes()).unwrap();
-            assert_eq!(g.expires_in, Some(Duration::from_secs_f64(secs)), "{v}");
+            assert_eq!(
+                g.expires_in,
+                ExpiresIn::Given(Duration::from_secs_f64(secs)),
+                "{v}"
+            );
         }
         for v in [
             "0", "-0", "-1", "0.999", "1e-300", "1e400", "\"\"", "\"soon\"", "true", "{}", "[1]",
         ] {
-            let body = format!(r#"{{"access_token":"a","expires_in":{v}}}"#);
-            let e = parse_token_response(body.as_bytes()).unwrap_err();
-            assert_eq!(e.code, "invalid_response", "{v}");
-            assert!(e.hint.unwrap().contains("expires_in"), "{v}");
+            let body = format!(r#"{{"access_token":"a","expires_in":{v},"refresh_token":"r"}}"#);
+            let g = parse_token_response(body.as_bytes()).unwrap();
+            assert_eq!(g.expires_in, ExpiresIn::Unusable, "{v}");
+            assert_eq!(g.refresh_token.unwrap().expose(), "r");
         }
         let not_object = parse_token_response(b"[1]").unwrap_err();
         assert_eq!(not_object.hint, Some("token response is not a JSON object"));
