@@ -242,6 +242,9 @@ pub enum AnswerError {
     /// The access token is empty or longer than EmailEngine takes.
     #[error("access token must be 1 to {MAX_ACCESS_TOKEN_LEN} characters")]
     AccessToken,
+    /// The access token has a character a bearer token may not contain.
+    #[error("access token has characters an OAuth 2.0 bearer token may not contain (RFC 6750: letters, digits, -._~+/ and trailing =)")]
+    AccessTokenCharacters,
     /// The password is longer than EmailEngine takes.
     #[error("`pass` must be at most {MAX_PASS_LEN} characters")]
     Pass,
@@ -275,12 +278,17 @@ pub fn token_answer(user: &str, access_token: &Secret) -> Result<Bytes, AnswerEr
 pub struct ValidTokenAnswer<'a>(TokenAnswer<'a>);
 
 impl<'a> ValidTokenAnswer<'a> {
-    /// Checks `user` and `access_token` against EmailEngine's limits.
+    /// Checks `user` and `access_token` against EmailEngine's limits, and the token
+    /// against RFC 6750's alphabet: EmailEngine puts it into an `Authorization` header
+    /// and an XOAUTH2 string, where a space, quote, CR, LF or NUL breaks the request.
     pub fn new(user: &'a str, access_token: &'a Secret) -> Result<Self, AnswerError> {
         check_user(user)?;
-        let len = js_len(access_token.expose());
-        if len == 0 || len > MAX_ACCESS_TOKEN_LEN {
+        let token = access_token.expose();
+        if token.is_empty() || token.len() > MAX_ACCESS_TOKEN_LEN {
             return Err(AnswerError::AccessToken);
+        }
+        if !is_b64token(token) {
+            return Err(AnswerError::AccessTokenCharacters);
         }
         Ok(ValidTokenAnswer(TokenAnswer {
             user,
@@ -308,6 +316,16 @@ impl<'a> ValidTokenAnswer<'a> {
         let _ = serde_json::to_writer(&mut body, &self.0);
         Bytes::from(body)
     }
+}
+
+/// RFC 6750 §2.1: `b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
+/// ASCII only, so its byte length is the length EmailEngine counts.
+pub fn is_b64token(token: &str) -> bool {
+    let body = token.trim_end_matches('=');
+    !body.is_empty()
+        && body.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
+        })
 }
 
 /// Answers are allocated in multiples of this, so a refreshed token a few bytes longer
@@ -468,6 +486,18 @@ mod tests {
             password_answer("", &Secret::new("p")),
             Err(AnswerError::User)
         );
+        for bad in [
+            "a b", "a\nb", "a\r", "\0", "a\"b", "a'b", "a\\b", "a=b", "=", "é", "a,b",
+        ] {
+            assert_eq!(
+                token_answer("u", &Secret::new(bad)),
+                Err(AnswerError::AccessTokenCharacters),
+                "{bad:?}"
+            );
+        }
+        for good in ["ya29.a0Af-_~+/xyz==", "eyJhbGciOi.eyJzdWIi.c2ln", "x", "x="] {
+            assert!(token_answer("u", &Secret::new(good)).is_ok(), "{good}");
+        }
         let body = password_answer("u", &Secret::new("")).unwrap();
         assert_eq!(&body[..], br#"{"user":"u","pass":""}"#);
     }

@@ -24,10 +24,13 @@ pub struct Upstream {
 }
 
 /// Builds the HTTP client for identity providers: rustls with the ring provider and
-/// the webpki roots, certificate verification always on, bounded timeouts.
+/// the webpki roots, certificate verification always on, bounded timeouts, and no
+/// redirects: following one would re-send the refresh token, client secret or assertion
+/// to whatever host the `Location` names (a 3xx is reported as an error instead).
 pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .use_rustls_tls()
+        .redirect(reqwest::redirect::Policy::none())
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(10)))
         .pool_idle_timeout(Duration::from_secs(60))

@@ -1322,3 +1322,80 @@ async fn version_prints_the_version_and_git_revision() {
         "revision `{rev}`"
     );
 }
+
+/// #13 items 3, 11 and 13 as the operator reads them in the log: a redirect's WARN line
+/// names the target host (never its path or query, never the credentials), a token with
+/// characters a bearer token may not have is refused without ever being logged, and a
+/// lifetime over 24 h is warned about once per provider, not once per account.
+#[tokio::test]
+async fn token_endpoint_trouble_is_logged_with_its_host_once_and_without_the_token() {
+    let redirecting = MockIdp::start().await;
+    let elsewhere = MockIdp::start().await;
+    let long_lived = MockIdp::start().await;
+    let bad_token = MockIdp::start().await;
+    redirecting.set_fault(Fault::Redirect {
+        status: 307,
+        location: elsewhere.url("/final?tenant=query-part"),
+    });
+    long_lived.set_fault(Fault::Body(
+        r#"{"access_token":"long-token","expires_in":1e12}"#.into(),
+    ));
+    bad_token.set_fault(Fault::Body(
+        r#"{"access_token":"MARKER token\r\nX-Injected: 1","expires_in":3600}"#.into(),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let account = |provider: &str| json!({ "user": "u@example.com", "provider": provider, "refreshToken": "rt-secret-value" });
+    let cfg = write_config(
+        dir.path(),
+        &json!({
+            "providers": { "redirecting": oauth2_provider(&redirecting), "long": oauth2_provider(&long_lived), "bad": oauth2_provider(&bad_token) },
+            "accounts": { "r": account("redirecting"), "l1": account("long"), "l2": account("long"), "b": account("bad") }
+        }),
+    );
+    let mut sc = Proc::spawn(
+        dir.path(),
+        &args(&["--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0"]),
+        &[],
+    );
+    let a = sc.addr().await;
+    let c = client();
+    assert_eq!(ask(&c, a, "account=r&proto=imap", None).await.status, 429);
+    assert_eq!(ask(&c, a, "account=b&proto=imap", None).await.status, 429);
+    for l in ["l1", "l2"] {
+        let r = ask(&c, a, &format!("account={l}&proto=imap"), None).await;
+        assert_eq!(r.token(), "long-token");
+    }
+    sc.signal("TERM");
+    assert_eq!(sc.wait(Duration::from_secs(10)).await.code(), Some(0));
+    let log = sc.stderr();
+    assert_eq!(elsewhere.calls(), 0, "the redirect was followed");
+    let failures = failure_lines(&log);
+    let redirect_host = format!("redirect_host=\"{}\"", elsewhere.addr);
+    assert!(
+        failures.iter().any(|l| l.contains("account=r")
+            && l.contains("code=redirect")
+            && l.contains(&redirect_host)),
+        "{log}"
+    );
+    assert!(
+        failures
+            .iter()
+            .any(|l| l.contains("account=b") && l.contains("RFC 6750")),
+        "{log}"
+    );
+    for never in [
+        "query-part",
+        "/final",
+        "MARKER",
+        "X-Injected",
+        "rt-secret-value",
+        "client-secret-value",
+    ] {
+        assert!(!log.contains(never), "`{never}` in the log:\n{log}");
+    }
+    let clamped = log
+        .lines()
+        .filter(|l| l.contains("expires_in over the maximum"))
+        .count();
+    assert_eq!(clamped, 1, "{log}");
+}

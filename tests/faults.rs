@@ -25,6 +25,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -696,22 +697,288 @@ async fn an_aging_token_is_served_while_its_refresh_stalls() {
 
 /// Regression (found by the fuzz run): a provider answering a sub-second `expires_in`
 /// (here 1 ms) used to get a refresh planned at once after every answer, a tight loop of
-/// upstream calls. Such a lifetime now counts as absent (the default lifetime applies).
+/// upstream calls. Such a token cannot be used: it is a transient provider error now
+/// (#13 item 11), nothing is served, and retries follow the back-off, not a loop.
 #[tokio::test]
 async fn an_absurdly_short_lifetime_does_not_make_a_refresh_loop() {
     let idp = MockIdp::start().await;
     idp.set_lifetime(Some(0.001));
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &json!({ "providers": { "idp": oauth2_provider(&idp) },
-                 "accounts": { "a": { "user": "u", "provider": "idp", "refreshToken": "rt" } } }),
-    );
-    let sc = start(test_options(&cfg)).await.unwrap();
+    let sc = one_account_each(&idp, dir.path(), &["a"]).await;
     let c = client();
     let r = ask(&c, sc.local_addr, "account=a&proto=imap", None).await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.status, 429, "{}", r.body);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(idp.calls(), 1, "refreshed in a loop");
+    assert!(
+        idp.calls() <= 3,
+        "refreshed in a loop: {} calls",
+        idp.calls()
+    );
+    sc.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// What a token answer may say
+
+/// A sidecar with one refresh-token account per id, all on the mock.
+async fn one_account_each(idp: &MockIdp, dir: &Path, ids: &[&str]) -> Running {
+    let accounts: serde_json::Map<String, serde_json::Value> = ids
+        .iter()
+        .map(|id| {
+            (
+                id.to_string(),
+                json!({ "user": "u@example.com", "provider": "idp", "refreshToken": "rt" }),
+            )
+        })
+        .collect();
+    let cfg = write_config(
+        dir,
+        &json!({ "providers": { "idp": oauth2_provider(idp) }, "accounts": accounts }),
+    );
+    start(test_options(&cfg)).await.unwrap()
+}
+
+/// The admin status of an account's one credential set, as the admin API shows it.
+fn status_json(sc: &Running, account: &str) -> serde_json::Value {
+    serde_json::to_value(&status_of(sc, account)[0]).unwrap()
+}
+
+/// Regression (#13 item 11): an `expires_in` of zero, below a second, negative or not a
+/// number says the token is unusable; it used to count as absent and the token was served
+/// for the 10-minute default. Now it is a transient provider error and nothing is served.
+/// Absent (or null) still means `--default-lifetime`; a numeric string is read; anything
+/// longer than 24 hours (up to 31 years used to be accepted) is clamped to 24 hours.
+#[tokio::test]
+async fn odd_expires_in_values_are_refused_or_clamped_never_defaulted() {
+    let bad = [
+        "0",
+        "-5",
+        "0.5",
+        "1e-300",
+        "-0",
+        r#""soon""#,
+        r#""0""#,
+        r#""-60""#,
+        "true",
+        "{}",
+        "[3600]",
+    ];
+    // (expires_in, the lifetime it must give); None: left out of the answer.
+    let good: [(Option<&str>, u64); 6] = [
+        (Some("3600"), 3600),
+        (Some(r#"" 3600 ""#), 3600),
+        (Some("1e12"), 86_400),
+        (Some("999999999"), 86_400),
+        (Some("null"), 600),
+        (None, 600),
+    ];
+    let ids: Vec<String> = (0..bad.len())
+        .map(|i| format!("bad{i}"))
+        .chain((0..good.len()).map(|i| format!("good{i}")))
+        .collect();
+    let idp = MockIdp::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sc = one_account_each(
+        &idp,
+        dir.path(),
+        &ids.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    let c = client();
+    for (i, v) in bad.iter().enumerate() {
+        idp.set_fault(Fault::Body(format!(
+            r#"{{"access_token":"tok-bad-{i}","token_type":"Bearer","expires_in":{v}}}"#
+        )));
+        let r = ask(
+            &c,
+            sc.local_addr,
+            &format!("account=bad{i}&proto=imap"),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 429, "expires_in {v}: {}", r.body);
+        let st = status_json(&sc, &format!("bad{i}"));
+        assert_eq!(
+            st["lastError"]["code"], "invalid_response",
+            "expires_in {v}: {st}"
+        );
+        assert!(
+            st["lastError"]["hint"]
+                .as_str()
+                .unwrap_or("")
+                .contains("expires_in"),
+            "expires_in {v}: {st}"
+        );
+        assert!(
+            st["tokenRemainingSeconds"].is_null(),
+            "expires_in {v}: {st}"
+        );
+    }
+    for (i, (v, lifetime)) in good.iter().enumerate() {
+        let field = v
+            .map(|v| format!(r#","expires_in":{v}"#))
+            .unwrap_or_default();
+        idp.set_fault(Fault::Body(format!(
+            r#"{{"access_token":"tok-good-{i}","token_type":"Bearer"{field}}}"#
+        )));
+        let r = ask(
+            &c,
+            sc.local_addr,
+            &format!("account=good{i}&proto=imap"),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 200, "expires_in {v:?}: {}", r.body);
+        assert_eq!(r.token(), format!("tok-good-{i}"));
+        let st = status_json(&sc, &format!("good{i}"));
+        let left = st["tokenRemainingSeconds"].as_u64().unwrap();
+        assert!(
+            left <= *lifetime && left + 5 >= *lifetime,
+            "expires_in {v:?}: {left} s left, expected {lifetime}: {st}"
+        );
+    }
+    sc.shutdown().await;
+}
+
+/// An answer refused for its `expires_in` (or its token) may still carry a rotated
+/// refresh token, and a rotating provider has already revoked the old one: the new one is
+/// kept and spent next time, never dropped with the answer.
+#[tokio::test]
+async fn a_rotated_refresh_token_in_a_refused_answer_is_kept() {
+    let idp = MockIdp::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sc = one_account_each(&idp, dir.path(), &["a", "b"]).await;
+    let c = client();
+    for (account, body) in [
+        (
+            "a",
+            r#"{"access_token":"t","expires_in":0,"refresh_token":"rt-new-a"}"#,
+        ),
+        (
+            "b",
+            r#"{"access_token":"t t","expires_in":60,"refresh_token":"rt-new-b"}"#,
+        ),
+    ] {
+        idp.set_fault(Fault::Body(body.into()));
+        let r = ask(
+            &c,
+            sc.local_addr,
+            &format!("account={account}&proto=imap"),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 429, "{account}: {}", r.body);
+    }
+    idp.set_fault(Fault::None);
+    // The retries (back-off of about a second) spend what the refused answers carried.
+    let spent = |account: &str| {
+        let want = format!("rt-new-{account}");
+        idp.requests()
+            .iter()
+            .any(|r| r.form.get("refresh_token") == Some(&want))
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || spent("a") && spent("b")).await,
+        "{:?}",
+        idp.requests().iter().map(|r| &r.form).collect::<Vec<_>>()
+    );
+    sc.shutdown().await;
+}
+
+/// Regression (#13 item 13): access tokens EmailEngine cannot put into an `Authorization`
+/// header or an XOAUTH2 string (LF, CR, NUL, quotes, spaces, anything outside RFC 6750's
+/// b64token) used to be served with 200. They are a provider error now, and the token
+/// never appears in the answer or the status.
+#[tokio::test]
+async fn tokens_outside_the_bearer_token_alphabet_are_never_served() {
+    let bad = [
+        "a b",
+        r"a\nb",
+        r"a\rb",
+        r"a\u0000b",
+        r#"a\"b"#,
+        "a'b",
+        r"a\\b",
+        r"a\tb",
+        "a,b",
+        "a;b",
+        "a=b",
+        "x=y==",
+        r"\u00e9",
+        r"a\u2028b",
+    ];
+    let good = [
+        "ya29.a0Af-_~+/xyz==",
+        "eyJhbGciOi.eyJzdWIi.c2ln",
+        "EwA4A8l6BAAU+/==",
+    ];
+    let ids: Vec<String> = (0..bad.len())
+        .map(|i| format!("bad{i}"))
+        .chain((0..good.len()).map(|i| format!("good{i}")))
+        .collect();
+    let idp = MockIdp::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sc = one_account_each(
+        &idp,
+        dir.path(),
+        &ids.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    let c = client();
+    for (i, t) in bad.iter().enumerate() {
+        // `t` is JSON string content (escapes included); the marker finds any echo.
+        idp.set_fault(Fault::Body(format!(
+            r#"{{"access_token":"MARKER{t}","token_type":"Bearer","expires_in":3600}}"#
+        )));
+        let r = ask(
+            &c,
+            sc.local_addr,
+            &format!("account=bad{i}&proto=imap"),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 429, "token {t}: {}", r.body);
+        assert!(!r.body.to_string().contains("MARKER"), "{}", r.body);
+        let st = status_json(&sc, &format!("bad{i}"));
+        assert_eq!(
+            st["lastError"]["code"], "invalid_response",
+            "token {t}: {st}"
+        );
+        assert!(!st.to_string().contains("MARKER"), "{st}");
+    }
+    for (i, t) in good.iter().enumerate() {
+        idp.set_fault(Fault::Body(format!(
+            r#"{{"access_token":"{t}","token_type":"Bearer","expires_in":3600}}"#
+        )));
+        let r = ask(
+            &c,
+            sc.local_addr,
+            &format!("account=good{i}&proto=imap"),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 200, "token {t}: {}", r.body);
+        assert_eq!(r.token(), *t);
+    }
+    sc.shutdown().await;
+}
+
+/// Regression (#13 item 10): one 429 with `Retry-After: 86400` parked the key for an hour
+/// (`retryInSeconds` 3597), long after the provider recovered. A provider's Retry-After
+/// now imposes at most two minutes, and EmailEngine is told at most 30 s.
+#[tokio::test]
+async fn a_huge_retry_after_imposes_at_most_two_minutes() {
+    let idp = MockIdp::start().await;
+    idp.set_fault(Fault::status(429, Some(86_400)));
+    let dir = tempfile::tempdir().unwrap();
+    let sc = one_account_each(&idp, dir.path(), &["a"]).await;
+    let c = client();
+    let r = ask(&c, sc.local_addr, "account=a&proto=imap", None).await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    let told: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=30).contains(&told), "Retry-After {told}");
+    let st = status_json(&sc, "a");
+    let retry = st["lastError"]["retryInSeconds"].as_u64().unwrap();
+    assert!((100..=120).contains(&retry), "retry in {retry} s: {st}");
     sc.shutdown().await;
 }

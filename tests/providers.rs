@@ -156,15 +156,6 @@ fn scope_of(idp: &MockIdp, token: &str) -> Option<String> {
         .cloned()
 }
 
-fn status_of(sc: &Running, account: &str) -> Vec<ee_auth_sidecar::cache::KeyStatus> {
-    sc.sidecar
-        .cache()
-        .status()
-        .into_iter()
-        .filter(|s| s.account == account)
-        .collect()
-}
-
 /// The one persisted refresh-token record of a state directory.
 fn persisted_refresh_token(state: &Path) -> String {
     let files: Vec<_> = std::fs::read_dir(state.join("refresh-tokens"))
@@ -1357,4 +1348,114 @@ async fn a_config_error_stops_startup_with_the_account_named() {
         e.contains("accounts.daemon.grant: the client_credentials grant needs a specific tenant"),
         "{e}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Where token requests may go
+// ---------------------------------------------------------------------------------------
+
+/// Regression (#13 item 3): a token endpoint's redirect is never followed. A 307/308 used
+/// to re-POST the refresh token and client secret to the `Location` host and serve its
+/// token; a 302 became a GET. Every 3xx is now an error naming the target host (never
+/// its path or query) with a hint to set `tokenUrl`, retried on the transient back-off
+/// (not parked for `--permanent-retry`), and the second host never hears from us.
+#[tokio::test]
+async fn a_token_endpoint_redirect_is_never_followed_and_names_its_target_host() {
+    let idp = MockIdp::start().await;
+    let elsewhere = MockIdp::start().await;
+    let statuses = [301u16, 302, 303, 307, 308];
+    let accounts: serde_json::Map<String, Value> = statuses
+        .iter()
+        .map(|s| {
+            (
+                format!("r{s}"),
+                json!({ "user": "u@example.com", "provider": "idp", "refreshToken": format!("refresh-token-secret-{s}") }),
+            )
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let sc = start_config(
+        dir.path(),
+        json!({ "providers": { "idp": oauth2_provider(&idp) }, "accounts": accounts }),
+        |_| {},
+    )
+    .await;
+    let c = client();
+    for status in statuses {
+        idp.set_fault(Fault::Redirect {
+            status,
+            location: elsewhere.url("/final/token?tenant=query-part"),
+        });
+        let account = format!("r{status}");
+        let r = ask(
+            &c,
+            sc.local_addr,
+            &format!("account={account}&proto=imap"),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 429, "{status}: {}", r.body);
+        assert!(!r.body.to_string().contains("secret"), "{}", r.body);
+        assert_eq!(elsewhere.calls(), 0, "{status}: the redirect was followed");
+        let st = serde_json::to_value(status_of(&sc, &account)).unwrap();
+        let err = &st[0]["lastError"];
+        assert_eq!(err["code"], "redirect", "{status}: {st}");
+        assert_eq!(err["class"], "transient", "{status}: {st}");
+        assert_eq!(
+            err["redirectHost"],
+            elsewhere.addr.to_string(),
+            "{status}: {st}"
+        );
+        assert!(
+            err["hint"].as_str().unwrap_or("").contains("tokenUrl"),
+            "{status}: {st}"
+        );
+        let text = st.to_string();
+        assert!(
+            !text.contains("query-part") && !text.contains("/final") && !text.contains("secret"),
+            "{text}"
+        );
+        let retry = err["retryInSeconds"].as_u64().unwrap();
+        assert!(retry <= 60, "{status}: parked for {retry} s");
+    }
+    assert_eq!(idp.calls(), statuses.len() as u64);
+    sc.shutdown().await;
+}
+
+/// Regression (#13 item 3): a plain `http://` token URL would send client secrets and
+/// refresh tokens in the clear; it is refused at load time, naming the field, unless the
+/// host is loopback (tests, a local egress proxy).
+#[test]
+fn plain_http_token_urls_are_refused_unless_the_host_is_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |provider: Value| {
+        json!({ "providers": { "idp": provider },
+                "accounts": { "a": { "user": "u", "provider": "idp", "refreshToken": "rt" } } })
+    };
+    for provider in [
+        json!({ "type": "oauth2", "tokenUrl": "http://idp.example/token", "clientId": "c" }),
+        json!({ "type": "oauth2", "tokenUrl": "http://10.0.0.1:8080/token", "clientId": "c" }),
+        json!({ "type": "oauth2", "tokenUrl": "http://127.0.0.1.example/token", "clientId": "c" }),
+        json!({ "type": "microsoft", "clientId": "c", "tokenUrl": "http://login.example/t" }),
+        json!({ "type": "google", "clientId": "c", "clientSecret": "s", "tokenUrl": "http://[2001:db8::1]/t" }),
+    ] {
+        let errors = parse_errors(cfg(provider.clone()), dir.path());
+        let e = find(&errors, "providers.idp.tokenUrl");
+        assert!(
+            e.message.contains("https://") && e.message.contains("loopback"),
+            "{provider}: {e:?}"
+        );
+    }
+    for url in [
+        "https://idp.example/token",
+        "http://127.0.0.1:9/token",
+        "http://127.8.9.10/token",
+        "http://[::1]:9/token",
+        "http://localhost:9/token",
+    ] {
+        let c = cfg(json!({ "type": "oauth2", "tokenUrl": url, "clientId": "c" }));
+        if let Err(e) = config::parse(c.to_string().as_bytes(), dir.path()) {
+            panic!("{url} refused: {e:?}");
+        }
+    }
 }

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use crate::config::{CredentialKey, CredentialSet};
 use crate::metrics::{CacheEvent, Metrics, RefreshOutcome};
 use crate::protocol;
-use crate::provider::{ErrorClass, ProviderError};
+use crate::provider::{ErrorClass, ExpiresIn, ProviderError};
 use crate::upstream::Upstream;
 use schedule::{Freshness, Policy};
 
@@ -318,6 +318,9 @@ pub struct ErrorStatus {
     pub provider_code: Option<String>,
     /// What to do.
     pub hint: Option<&'static str>,
+    /// Where the token endpoint redirected to (host and port only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect_host: Option<Box<str>>,
     /// When it happened (RFC 3339).
     pub at: String,
     /// Failures in a row.
@@ -342,6 +345,8 @@ pub struct TokenCache {
     upstream: Arc<Upstream>,
     policy: Policy,
     metrics: Arc<Metrics>,
+    /// Providers already warned about an `expires_in` over [`schedule::MAX_LIFETIME`].
+    long_lifetime_warned: Mutex<std::collections::HashSet<Arc<str>>>,
 }
 
 impl Drop for TokenCache {
@@ -379,6 +384,7 @@ impl TokenCache {
             upstream,
             policy,
             metrics,
+            long_lifetime_warned: Mutex::default(),
         })
     }
 
@@ -591,6 +597,9 @@ impl TokenCache {
                         protocol::AnswerError::AccessToken => {
                             "the access token is longer than EmailEngine accepts"
                         }
+                        protocol::AnswerError::AccessTokenCharacters => {
+                            "the access token has characters a bearer token may not contain (RFC 6750)"
+                        }
                         _ => "the answer would not pass EmailEngine's validation",
                     }),
                     ..ProviderError::transient("invalid_response")
@@ -598,9 +607,22 @@ impl TokenCache {
                 return Err(self.fetch_failed(&set, generation, e));
             }
         };
+        // A rotated refresh token in this answer is kept already (`Upstream::fetch`),
+        // whatever is wrong with the rest of it.
         let lifetime = match grant.expires_in {
-            Some(l) => l,
-            None => {
+            ExpiresIn::Unusable => {
+                let e = ProviderError {
+                    hint: Some("expires_in is not a number of seconds of at least 1"),
+                    ..ProviderError::transient("invalid_response")
+                };
+                return Err(self.fetch_failed(&set, generation, e));
+            }
+            ExpiresIn::Given(l) if l > schedule::MAX_LIFETIME => {
+                self.warn_long_lifetime(&set, l);
+                schedule::MAX_LIFETIME
+            }
+            ExpiresIn::Given(l) => l,
+            ExpiresIn::Absent => {
                 tracing::info!(account = %set.key.account, provider = %set.provider_name,
                     assumed_seconds = self.policy.default_lifetime.as_secs(),
                     "token response has no expires_in; assuming a conservative lifetime");
@@ -647,6 +669,21 @@ impl TokenCache {
         Ok(tok)
     }
 
+    /// Logs, once per provider, that its tokens' lifetime is clamped.
+    fn warn_long_lifetime(&self, set: &CredentialSet, lifetime: Duration) {
+        let first = self
+            .long_lifetime_warned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(set.provider_name.clone());
+        if first {
+            tracing::warn!(provider = %set.provider_name, account = %set.key.account,
+                expires_in_seconds = lifetime.as_secs(),
+                max_seconds = schedule::MAX_LIFETIME.as_secs(),
+                "token response has an expires_in over the maximum; its tokens are refreshed as if they lived 24 hours (logged once per provider)");
+        }
+    }
+
     /// Records a failed fetch (log line, back-off, retry) and returns its error.
     fn fetch_failed(
         self: &Arc<Self>,
@@ -679,6 +716,7 @@ impl TokenCache {
                 code = %e.code,
                 provider_code = e.provider_code.as_deref().unwrap_or(""),
                 hint = e.hint.unwrap_or(""),
+                redirect_host = e.redirect_host.as_deref(),
                 consecutive,
                 retry_in_ms = delay.as_millis() as u64,
                 "token refresh failed"
@@ -707,6 +745,7 @@ impl TokenCache {
                 code = %e.code,
                 provider_code = e.provider_code.as_deref().unwrap_or(""),
                 hint = e.hint.unwrap_or(""),
+                redirect_host = e.redirect_host.as_deref(),
                 "token refresh failed (for credentials replaced since; not retried)"
             );
         }
@@ -975,6 +1014,7 @@ impl TokenCache {
                         code: f.error.code.clone(),
                         provider_code: f.error.provider_code.clone(),
                         hint: f.error.hint,
+                        redirect_host: f.error.redirect_host.clone(),
                         at: rfc3339(f.at),
                         consecutive_failures: f.consecutive,
                         retry_in_seconds: f.retry_at.saturating_duration_since(now).as_secs(),

@@ -40,7 +40,15 @@ impl Default for Policy {
 }
 
 /// The longest `Retry-After` we honour; a provider asking for more is retried after this.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// A throttled provider that recovers is then back in use within two minutes, not parked
+/// for whatever a misconfigured gateway asked (one `Retry-After: 86400` used to cost an
+/// hour); one retry per key every two minutes is no burden on a provider that still throttles.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
+
+/// The longest token lifetime we plan with; a longer `expires_in` is clamped to it. Every
+/// real provider issues an hour or less (24 h at most), and a token kept for years would
+/// outlive any revocation.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// When a token of a given lifetime is refreshed, and how much life it must keep to be served.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -142,6 +150,30 @@ mod tests {
             min_ttl: Duration::from_secs(min_ttl),
             ..Policy::default()
         }
+    }
+
+    #[test]
+    fn a_provider_retry_after_imposes_at_most_the_cap() {
+        let p = Policy::default();
+        assert!(MAX_RETRY_AFTER <= Duration::from_secs(300));
+        for ra in [121, 3600, 86_400, u64::MAX] {
+            for jitter in [0.0, 0.5, 1.0] {
+                let d = backoff(1, Some(Duration::from_secs(ra)), &p, jitter);
+                assert_eq!(d, MAX_RETRY_AFTER, "Retry-After {ra}");
+            }
+        }
+        // Under the cap it is honoured as it is.
+        assert_eq!(
+            backoff(1, Some(Duration::from_secs(90)), &p, 0.0),
+            Duration::from_secs(90)
+        );
+        // A --backoff-max above the cap still governs the provider's own failures.
+        let long = Policy {
+            backoff_max: Duration::from_secs(600),
+            ..Policy::default()
+        };
+        let d = backoff(20, Some(Duration::from_secs(86_400)), &long, 1.0);
+        assert_eq!(d, Duration::from_secs(600));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::cache::schedule::MAX_RETRY_AFTER;
 use crate::config::{ConfigError, ScopedResolver};
 use crate::protocol::Proto;
 use crate::secret::Secret;
@@ -65,10 +66,22 @@ pub struct TokenRequest<'a> {
 pub struct TokenGrant {
     /// The access token.
     pub access_token: Secret,
-    /// Its lifetime, when the provider said.
-    pub expires_in: Option<Duration>,
+    /// Its lifetime, as the provider said it.
+    pub expires_in: ExpiresIn,
     /// A new refresh token, when the provider rotated it.
     pub refresh_token: Option<Secret>,
+}
+
+/// What a token response says about the token's lifetime. An unusable one is not a parse
+/// error: the answer may carry a rotated refresh token, which must still be kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpiresIn {
+    /// No `expires_in` (or `null`): the caller assumes `--default-lifetime`.
+    Absent,
+    /// At least a second (not clamped: that is the caller's policy).
+    Given(Duration),
+    /// Zero, negative, under a second or not a number: the token is already unusable.
+    Unusable,
 }
 
 /// Whether retrying can help.
@@ -93,7 +106,7 @@ impl ErrorClass {
 /// Why a token fetch failed. Carries codes, never the provider's free-text description
 /// (which may echo request data) and never a secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{code}{}{}", .provider_code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default(), .hint.map(|h| format!(": {h}")).unwrap_or_default())]
+#[error("{code}{}{}{}", .provider_code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default(), .redirect_host.as_deref().map(|h| format!(" (to {h})")).unwrap_or_default(), .hint.map(|h| format!(": {h}")).unwrap_or_default())]
 pub struct ProviderError {
     /// Transient or permanent.
     pub class: ErrorClass,
@@ -103,8 +116,11 @@ pub struct ProviderError {
     pub provider_code: Option<String>,
     /// What the operator should do, where we know.
     pub hint: Option<&'static str>,
-    /// The provider's `Retry-After`.
+    /// The provider's `Retry-After`, at most [`MAX_RETRY_AFTER`].
     pub retry_after: Option<Duration>,
+    /// The host (and port) a redirect pointed at; never its path or query, which may
+    /// carry request data. Boxed: errors travel inside every serving error.
+    pub redirect_host: Option<Box<str>>,
 }
 
 impl ProviderError {
@@ -116,6 +132,7 @@ impl ProviderError {
             provider_code: None,
             hint: None,
             retry_after: None,
+            redirect_host: None,
         }
     }
 }
@@ -265,6 +282,8 @@ pub(crate) enum Failure {
     },
     /// A 2xx answer that is not a usable token response.
     Invalid(ProviderError),
+    /// A 3xx answer: never followed.
+    Redirect(ProviderError),
 }
 
 /// The standard OAuth2 error body (RFC 6749 §5.2) plus Microsoft's `error_codes`.
@@ -313,11 +332,17 @@ pub(crate) async fn post_form(
         .await
         .map_err(|e| Failure::Network(network_error(&e)))?;
     let status = resp.status().as_u16();
+    if (300..400).contains(&status) {
+        return Err(Failure::Redirect(redirect_error(&resp)));
+    }
+    // Capped here, so neither the back-off nor EmailEngine's Retry-After can be parked
+    // for a day by one throttled answer.
     let retry_after = resp
         .headers()
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(parse_retry_after);
+        .and_then(parse_retry_after)
+        .map(|d| d.min(MAX_RETRY_AFTER));
     let body = read_limited(resp).await.map_err(Failure::Network)?;
     if (200..300).contains(&status) {
         parse_token_response(&body).map_err(Failure::Invalid)
@@ -329,6 +354,35 @@ pub(crate) async fn post_form(
                 .ok()
                 .filter(|b| b.error.is_some()),
         })
+    }
+}
+
+/// The error for a redirect: the target's host and port (the path and query may carry
+/// request data, e.g. a tenant or a signed parameter), and what the operator should do.
+/// Transient: a token endpoint redirecting may be mid-migration or maintenance, and
+/// retrying sends nothing anywhere else; the operator sees it in the status and logs.
+fn redirect_error(resp: &reqwest::Response) -> ProviderError {
+    let redirect_host = resp
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|l| resp.url().join(l).ok())
+        .and_then(|u| {
+            let host = u.host_str()?;
+            Some(match u.port() {
+                Some(p) => format!("{host}:{p}"),
+                None => host.to_owned(),
+            })
+        })
+        // No DNS name is longer; a longer one is not worth echoing.
+        .filter(|h| h.len() <= 260)
+        .map(String::into_boxed_str);
+    ProviderError {
+        hint: Some(
+            "the token endpoint answered with a redirect, which is never followed (it would re-send the credentials); set tokenUrl to the final URL",
+        ),
+        redirect_host,
+        ..ProviderError::transient("redirect")
     }
 }
 
@@ -414,17 +468,17 @@ pub fn parse_token_response(body: &[u8]) -> Result<TokenGrant, ProviderError> {
         Some(s) if !s.is_empty() => Secret::new(&*s),
         _ => return Err(invalid("token response has no access_token")),
     };
-    // Some servers send expires_in as a string; a nonsensical one counts as absent. Under
-    // a second is nonsensical too: such a token cannot be used, and planning refreshes
-    // for it would call the provider in a tight loop (1e-300 even rounds to zero).
-    let expires_in = field("expires_in")
-        .and_then(|raw| {
-            serde_json::from_str::<f64>(raw)
-                .ok()
-                .or_else(|| json_string(raw)?.trim().parse::<f64>().ok())
-        })
-        .filter(|s| s.is_finite() && *s >= 1.0 && *s < 1.0e9)
-        .map(Duration::from_secs_f64);
+    // Some servers send expires_in as a string. Under a second is unusable too: planning
+    // refreshes for such a token would call the provider in a tight loop.
+    let expires_in = match field("expires_in") {
+        None | Some("null") => ExpiresIn::Absent,
+        Some(raw) => serde_json::from_str::<f64>(raw)
+            .ok()
+            .or_else(|| json_string(raw)?.trim().parse::<f64>().ok())
+            .filter(|s| *s >= 1.0)
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .map_or(ExpiresIn::Unusable, ExpiresIn::Given),
+    };
     let refresh_token = match field("refresh_token").and_then(json_string) {
         Some(s) if !s.is_empty() => Some(Secret::new(&*s)),
         _ => None,
@@ -453,7 +507,7 @@ const PERMANENT_CODES: &[&str] = &[
 /// Classifies a failure the standard way; providers refine the result.
 pub(crate) fn classify(f: Failure) -> ProviderError {
     match f {
-        Failure::Network(e) | Failure::Invalid(e) => e,
+        Failure::Network(e) | Failure::Invalid(e) | Failure::Redirect(e) => e,
         Failure::Status {
             status,
             retry_after,
@@ -476,6 +530,7 @@ pub(crate) fn classify(f: Failure) -> ProviderError {
                 provider_code: None,
                 hint: None,
                 retry_after,
+                redirect_host: None,
             }
         }
     }
@@ -493,14 +548,36 @@ pub enum ClientAuthMethod {
     Basic,
 }
 
-/// Checks that a configured token URL is an absolute http(s) URL.
+/// Checks that a configured token URL is an absolute https:// URL, or http:// to a
+/// loopback host (a test IdP, a local egress proxy): anything else would send client
+/// secrets and refresh tokens in the clear.
 pub(crate) fn check_url(url: &str, path: &str) -> Result<(), ConfigError> {
-    match reqwest::Url::parse(url) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
-        _ => Err(ConfigError::new(
-            path,
-            "must be an absolute http:// or https:// URL",
-        )),
+    let refused = |why: &str| Err(ConfigError::new(path, why));
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return refused("must be an absolute https:// URL");
+    };
+    let Some(host) = u.host_str() else {
+        return refused("must be an absolute https:// URL");
+    };
+    match u.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback(host) => Ok(()),
+        "http" => refused(
+            "must be an https:// URL: plain http:// would send the client secret and refresh tokens unencrypted (allowed only for a loopback host such as 127.0.0.1)",
+        ),
+        _ => refused("must be an absolute https:// URL"),
+    }
+}
+
+/// Whether a URL's host (as `Url::host_str` gives it) is this machine.
+fn is_loopback(host: &str) -> bool {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    match bare.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
     }
 }
 
@@ -514,10 +591,10 @@ mod tests {
             parse_token_response(br#"{"access_token":"a","expires_in":3599,"refresh_token":"r"}"#)
                 .unwrap();
         assert_eq!(g.access_token.expose(), "a");
-        assert_eq!(g.expires_in, Some(Duration::from_secs(3599)));
+        assert_eq!(g.expires_in, ExpiresIn::Given(Duration::from_secs(3599)));
         assert_eq!(g.refresh_token.unwrap().expose(), "r");
         let g = parse_token_response(br#"{"access_token":"a","expires_in":"60"}"#).unwrap();
-        assert_eq!(g.expires_in, Some(Duration::from_secs(60)));
+        assert_eq!(g.expires_in, ExpiresIn::Given(Duration::from_secs(60)));
         assert!(g.refresh_token.is_none());
         // Escapes are decoded; a repeated key counts once, with its last value; fields of
         // the wrong type count as absent; other fields are ignored whatever they hold.
@@ -527,8 +604,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!(g.access_token.expose(), "a/bA");
-        assert_eq!(g.expires_in, None);
+        assert_eq!(g.expires_in, ExpiresIn::Absent);
         assert!(g.refresh_token.is_none());
+        // expires_in: a number or numeric string of at least a second; too long is the
+        // cache's to clamp; anything else is unusable (the cache refuses it, after the
+        // answer's refresh token is kept).
+        for (v, secs) in [
+            ("1", 1.0),
+            ("3599.5", 3599.5),
+            ("\" 60 \"", 60.0),
+            ("1e12", 1e12),
+        ] {
+            let body = format!(r#"{{"access_token":"a","expires_in":{v}}}"#);
+            let g = parse_token_response(body.as_bytes()).unwrap();
+            assert_eq!(
+                g.expires_in,
+                ExpiresIn::Given(Duration::from_secs_f64(secs)),
+                "{v}"
+            );
+        }
+        for v in [
+            "0", "-0", "-1", "0.999", "1e-300", "1e400", "\"\"", "\"soon\"", "true", "{}", "[1]",
+        ] {
+            let body = format!(r#"{{"access_token":"a","expires_in":{v},"refresh_token":"r"}}"#);
+            let g = parse_token_response(body.as_bytes()).unwrap();
+            assert_eq!(g.expires_in, ExpiresIn::Unusable, "{v}");
+            assert_eq!(g.refresh_token.unwrap().expose(), "r");
+        }
         let not_object = parse_token_response(b"[1]").unwrap_err();
         assert_eq!(not_object.hint, Some("token response is not a JSON object"));
         let not_json = parse_token_response(b"{").unwrap_err();
@@ -569,6 +671,32 @@ mod tests {
             st(400, Some("temporarily_unavailable")).class,
             ErrorClass::Transient
         );
+    }
+
+    #[test]
+    fn token_urls_must_be_https_unless_loopback() {
+        for ok in [
+            "https://login.example/t",
+            "http://127.0.0.1:9/t",
+            "http://127.1/t",
+            "http://[::1]/t",
+            "http://LOCALHOST/t",
+        ] {
+            assert!(check_url(ok, "p").is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://login.example/t",
+            "http://[::2]/t",
+            "http://localhost.example/t",
+            "ftp://127.0.0.1/t",
+            "/token",
+            "https://",
+            "mailto:a@b.example",
+        ] {
+            let e = check_url(bad, "p.tokenUrl").unwrap_err();
+            assert_eq!(e.path, "p.tokenUrl", "{bad}");
+            assert!(e.message.contains("https://"), "{bad}: {}", e.message);
+        }
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub enum Fault {
     Garbage,
     /// 200 with JSON but no access_token.
     NoAccessToken,
+    /// 200 with exactly this body (odd `expires_in` values, odd tokens).
+    Body(String),
+    /// A redirect: this 3xx status with this `Location`.
+    Redirect { status: u16, location: String },
 }
 
 impl Fault {
@@ -369,6 +373,13 @@ async fn answer(
                 None,
             )
         }
+        Fault::Body(body) => return json(200, body, None),
+        Fault::Redirect { status, location } => {
+            let mut resp = json(status, "{}".into(), None);
+            resp.headers_mut()
+                .insert("location", location.parse().unwrap());
+            return resp;
+        }
         Fault::Reset | Fault::None => {}
     }
     let mut s = st.lock().unwrap();
@@ -513,6 +524,16 @@ pub async fn ask(
 /// A generic oauth2 provider entry pointing at the mock.
 pub fn oauth2_provider(idp: &MockIdp) -> serde_json::Value {
     serde_json::json!({ "type": "oauth2", "tokenUrl": idp.url("/token"), "clientId": "client-1", "clientSecret": "client-secret-value" })
+}
+
+/// The cache's status of every credential set of `account`.
+pub fn status_of(sc: &Running, account: &str) -> Vec<ee_auth_sidecar::cache::KeyStatus> {
+    sc.sidecar
+        .cache()
+        .status()
+        .into_iter()
+        .filter(|s| s.account == account)
+        .collect()
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.
