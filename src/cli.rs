@@ -374,9 +374,10 @@ pub async fn probe(url: &str, timeout: Duration) -> i32 {
 }
 
 async fn probe_once(url: &str, timeout: Duration) -> Result<(), String> {
-    let parsed = reqwest::Url::parse(url).map_err(|e| {
-        format!("not a URL ({e}); give the scheme, e.g. http://127.0.0.1:8080/readyz")
-    })?;
+    if !url.contains("://") {
+        return Err("no scheme: give the whole URL, e.g. http://127.0.0.1:8080/readyz".into());
+    }
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("not a valid URL: {e}"))?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(format!(
             "the scheme must be http:// or https://, not `{}:`",
