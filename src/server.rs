@@ -444,9 +444,13 @@ mod wiring {
 
         /// `Some(lines held back since the last one)` if a line may be logged now.
         fn admit(&self) -> Option<u64> {
-            let now = u64::try_from(epoch().elapsed().as_millis())
-                .unwrap_or(u64::MAX)
-                .saturating_add(1);
+            let now = u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.admit_at(now)
+        }
+
+        /// [`Limiter::admit`] at `now_ms` milliseconds since [`epoch`].
+        fn admit_at(&self, now_ms: u64) -> Option<u64> {
+            let now = now_ms.saturating_add(1);
             let last = self.last.load(Ordering::Relaxed);
             let every = u64::try_from(EVERY.as_millis()).unwrap_or(u64::MAX);
             let due = last == 0 || now.saturating_sub(last) >= every;
@@ -511,5 +515,28 @@ mod wiring {
             held_back,
             "token request for an account id not in the config (404): register the account in EmailEngine with the same account id as in the sidecar's `accounts` (ids are case-sensitive), or add it to the config"
         );
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn one_line_per_window_then_the_count_held_back() {
+            let l = Limiter::new();
+            assert_eq!(l.admit_at(0), Some(0));
+            assert_eq!(l.admit_at(1), None);
+            assert_eq!(l.admit_at(59_999), None);
+            assert_eq!(l.admit_at(60_000), Some(2));
+            assert_eq!(l.admit_at(60_001), None);
+            assert_eq!(l.admit_at(200_000), Some(1));
+        }
+
+        #[test]
+        fn ids_are_bounded_on_a_char_boundary() {
+            let long = "é".repeat(300);
+            assert_eq!(bounded(&long).chars().count(), MAX_ID_CHARS);
+            assert_eq!(bounded("alice"), "alice");
+        }
     }
 }

@@ -123,7 +123,13 @@ async fn wrong_or_missing_basic_credentials_and_unknown_accounts_log_one_warn_ea
     // EmailEngine sends the URL's password as written: a percent-encoded one never matches.
     let wrong = "wrong%2Fpassword-XYZZY";
     for _ in 0..5 {
-        let a = ask(&c, addr, "account=alice&proto=imap", Some(("emailengine", wrong))).await;
+        let a = ask(
+            &c,
+            addr,
+            "account=alice&proto=imap",
+            Some(("emailengine", wrong)),
+        )
+        .await;
         assert_eq!(a.status, 401);
     }
     for _ in 0..3 {
@@ -151,15 +157,26 @@ async fn wrong_or_missing_basic_credentials_and_unknown_accounts_log_one_warn_ea
     wait_for(&served, "not in the config").await;
     let log = wait_for(&served, "without Basic credentials").await;
     let wrong_lines = lines_with(&log, "wrong Basic credentials");
-    assert_eq!(wrong_lines.len(), 1, "one WARN for 5 wrong passwords:\n{log}");
+    assert_eq!(
+        wrong_lines.len(),
+        1,
+        "one WARN for 5 wrong passwords:\n{log}"
+    );
     let line = wrong_lines[0];
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains("alice"), "names the account id: {line}");
     assert!(line.contains("authServer"), "says what to fix: {line}");
-    assert!(line.contains("percent"), "points at the percent-encoding: {line}");
+    assert!(
+        line.contains("percent"),
+        "points at the percent-encoding: {line}"
+    );
 
     let missing = lines_with(&log, "without Basic credentials");
-    assert_eq!(missing.len(), 1, "one WARN for 3 missing credentials:\n{log}");
+    assert_eq!(
+        missing.len(),
+        1,
+        "one WARN for 3 missing credentials:\n{log}"
+    );
     assert!(missing[0].contains("WARN") && missing[0].contains("alice"));
 
     let unknown = lines_with(&log, "not in the config");
@@ -170,7 +187,10 @@ async fn wrong_or_missing_basic_credentials_and_unknown_accounts_log_one_warn_ea
     use base64::Engine as _;
     let header = base64::engine::general_purpose::STANDARD.encode(format!("emailengine:{wrong}"));
     for secret in ["XYZZY", "the-right-password", "alice-app-password", &header] {
-        assert!(!log.contains(secret), "`{secret}` leaked into the log:\n{log}");
+        assert!(
+            !log.contains(secret),
+            "`{secret}` leaked into the log:\n{log}"
+        );
     }
 }
 
@@ -200,7 +220,12 @@ async fn no_state_dir_warning_without_an_account_whose_refresh_token_can_rotate(
             "accounts": { "app": { "user": "app@example.com", "provider": "idp", "grant": "client_credentials" } }
         }),
     );
-    let args = ["--config", config.to_str().unwrap(), "--prewarm-concurrency", "0"];
+    let args = [
+        "--config",
+        config.to_str().unwrap(),
+        "--prewarm-concurrency",
+        "0",
+    ];
     let mut served = Served::start(dir.path(), &args);
     served.listening_line().await;
     let log = served.log();
@@ -238,7 +263,12 @@ async fn json_log_lines_carry_message_and_fields_at_the_top_level() {
     let v: Value = serde_json::from_str(&line).expect("one JSON object per line");
     assert_eq!(v["message"], "listening", "{line}");
     assert!(v.get("fields").is_none(), "nested under `fields`: {line}");
-    assert!(v["addr"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")), "{line}");
+    assert!(
+        v["addr"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1:")),
+        "{line}"
+    );
     assert_eq!(v["level"], "INFO", "{line}");
     assert!(v["timestamp"].is_string(), "{line}");
 }
@@ -290,7 +320,10 @@ async fn probe_errors_are_one_clear_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(!stderr.contains("builder error"), "{stderr}");
-    assert!(stderr.contains("http://"), "says what a URL looks like: {stderr}");
+    assert!(
+        stderr.contains("http://"),
+        "says what a URL looks like: {stderr}"
+    );
 
     // A server that never answers: the timeout is named.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
