@@ -467,11 +467,13 @@ mod wiring {
         }
     }
 
-    fn bounded(id: &str) -> &str {
-        match id.char_indices().nth(MAX_ID_CHARS) {
-            Some((at, _)) => &id[..at],
-            None => id,
-        }
+    /// The id as logged: at most [`MAX_ID_CHARS`], control characters (a newline would
+    /// forge a log line in the text format) replaced.
+    fn bounded(id: &str) -> String {
+        id.chars()
+            .take(MAX_ID_CHARS)
+            .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+            .collect()
     }
 
     /// A 401 on the token endpoint. The credentials are never logged; only whether the
@@ -484,11 +486,12 @@ mod wiring {
         let Some(held_back) = limiter.admit() else {
             return;
         };
-        let parsed = crate::protocol::parse_query(query).ok();
-        let account = parsed.as_ref().map_or("", |q| bounded(&q.account));
+        let account = crate::protocol::parse_query(query)
+            .map(|q| bounded(&q.account))
+            .unwrap_or_default();
         if missing {
             tracing::warn!(
-                account = ?account,
+                account = %account,
                 held_back,
                 "token request without Basic credentials (401): put the user and password of the sidecar's `auth` into EmailEngine's authServer URL (http://USER:PASSWORD@127.0.0.1:8080/authentication)"
             );
@@ -497,7 +500,7 @@ mod wiring {
                 .and_then(crate::protocol::decode_basic)
                 .is_some_and(|pair| pair.contains(&b'%'));
             tracing::warn!(
-                account = ?account,
+                account = %account,
                 percent_encoded,
                 held_back,
                 "token request with wrong Basic credentials (401): EmailEngine's authServer URL must carry the user and password of the sidecar's `auth`, byte for byte; EmailEngine does not percent-decode them, so use only A-Z a-z 0-9 - . _ ~"
@@ -511,7 +514,7 @@ mod wiring {
             return;
         };
         tracing::warn!(
-            account = ?bounded(id),
+            account = %bounded(id),
             held_back,
             "token request for an account id not in the config (404): register the account in EmailEngine with the same account id as in the sidecar's `accounts` (ids are case-sensitive), or add it to the config"
         );
@@ -537,6 +540,7 @@ mod wiring {
             let long = "é".repeat(300);
             assert_eq!(bounded(&long).chars().count(), MAX_ID_CHARS);
             assert_eq!(bounded("alice"), "alice");
+            assert_eq!(bounded("a\nINFO forged"), "a\u{fffd}INFO forged");
         }
     }
 }

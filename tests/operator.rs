@@ -135,11 +135,12 @@ async fn wrong_or_missing_basic_credentials_and_unknown_accounts_log_one_warn_ea
     for _ in 0..3 {
         assert_eq!(ask(&c, addr, "account=alice", None).await.status, 401);
     }
-    for _ in 0..4 {
+    // The first one logged carries a newline: it must not forge a log line.
+    for id in ["Alice%0Aforged-line", "Alice", "Alice", "Alice"] {
         let a = ask(
             &c,
             addr,
-            "account=Alice&proto=smtp",
+            &format!("account={id}&proto=smtp"),
             Some(("emailengine", "the-right-password")),
         )
         .await;
@@ -183,6 +184,7 @@ async fn wrong_or_missing_basic_credentials_and_unknown_accounts_log_one_warn_ea
     assert_eq!(unknown.len(), 1, "one WARN for 4 unknown ids:\n{log}");
     assert!(unknown[0].contains("WARN") && unknown[0].contains("Alice"));
     assert!(unknown[0].contains("same account id"), "{}", unknown[0]);
+    assert!(!log.lines().any(|l| l.starts_with("forged-line")), "{log}");
 
     use base64::Engine as _;
     let header = base64::engine::general_purpose::STANDARD.encode(format!("emailengine:{wrong}"));
