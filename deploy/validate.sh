@@ -6,10 +6,13 @@
 #      schemas it bundles (no network): the native-sidecar variants against 1.29, the
 #      oldest release with native sidecars on by default, and the newest bundled one; the
 #      pre-1.29 variant against 1.27;
-#   4. pytest deploy/tests: security settings, sidecar layout, probes, config mount,
-#      authServer URL, and the Dockerfile conventions the manifests rely on.
+#   4. promtool (Debian's `prometheus` package): deploy/monitoring's alerting rules, their
+#      unit tests (one per alert) and the dashboard's queries;
+#   5. pytest deploy/tests: security settings, sidecar layout, probes, config mount, the
+#      secret-path convention of every shipped config, authServer URL, the monitoring
+#      files, and the Dockerfile conventions the manifests rely on.
 #
-# Needs only bash, python3 and pip (works on a fresh Debian). The tools are installed once,
+# Needs bash, python3, pip and promtool (works on a fresh Debian). The tools are installed once,
 # at the versions pinned in deploy/requirements.txt, into a virtualenv under
 # ${XDG_CACHE_HOME:-~/.cache}/ee-auth-sidecar/deploy-venv, rebuilt when that file changes.
 # PyPI is the only network access, and only on the first run.
@@ -97,7 +100,32 @@ validate "$k8s_min" "$rendered"/{base,example,set-authserver}.yaml
 validate "$k8s_latest" "$rendered"/{base,example,example-pre-1.29,set-authserver}.yaml
 validate "$k8s_legacy" "$rendered/example-pre-1.29.yaml"
 
-# --- 5. tests ---------------------------------------------------------------------------
+# --- 5. monitoring ----------------------------------------------------------------------
+step "promtool: alerting rules, their unit tests, the dashboard's queries"
+if ! command -v promtool >/dev/null; then
+    echo "promtool not found: apt-get install prometheus (Debian), or put promtool on PATH" >&2
+    exit 1
+fi
+monitoring="$here/monitoring"
+promtool check rules "$monitoring/rules.yml"
+promtool test rules "$monitoring/rules.test.yml"
+# The dashboard's queries as recording rules (JSON is YAML), with Grafana's variables
+# replaced, so promtool parses every one of them.
+python - "$monitoring/dashboard.json" >"$rendered/dashboard-queries.yml" <<'EOF'
+import json, sys
+dash = json.load(open(sys.argv[1]))
+exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+subst = {"$__rate_interval": "5m", "$__range": "1h", "$__interval": "1m", "$instance": ".*"}
+rules = []
+for i, e in enumerate(exprs):
+    for k, v in subst.items():
+        e = e.replace(k, v)
+    rules.append({"record": f"dashboard:query_{i}", "expr": e})
+print(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
+EOF
+promtool check rules "$rendered/dashboard-queries.yml"
+
+# --- 6. tests ---------------------------------------------------------------------------
 step "pytest deploy/tests"
 # No .pytest_cache or __pycache__ in the work tree.
 EE_DEPLOY_RENDERED="$rendered" PYTHONDONTWRITEBYTECODE=1 \

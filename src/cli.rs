@@ -361,28 +361,62 @@ pub async fn token(args: &TokenArgs) -> i32 {
     0
 }
 
-/// `probe`: 0 if the URL answers 2xx within the timeout, else 1.
+/// `probe`: 0 if the URL answers 2xx within the timeout, else 1 with one line on stderr
+/// saying what went wrong.
 pub async fn probe(url: &str, timeout: Duration) -> i32 {
+    match probe_once(url, timeout).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("probe {url}: {e}");
+            1
+        }
+    }
+}
+
+async fn probe_once(url: &str, timeout: Duration) -> Result<(), String> {
+    if !url.contains("://") {
+        return Err("no scheme: give the whole URL, e.g. http://127.0.0.1:8080/readyz".into());
+    }
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("not a valid URL: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!(
+            "the scheme must be http:// or https://, not `{}:`",
+            parsed.scheme()
+        ));
+    }
     // No proxy: a probe targets the pod's own loopback, even when HTTPS_PROXY is set for
     // the identity providers.
-    let client = match reqwest::Client::builder()
+    let client = reqwest::Client::builder()
         .use_rustls_tls()
         .no_proxy()
         .timeout(timeout)
         .build()
-    {
-        Ok(c) => c,
-        Err(_) => return 1,
-    };
-    match client.get(url).send().await {
-        Ok(r) if r.status().is_success() => 0,
-        Ok(r) => {
-            eprintln!("{url}: {}", r.status());
-            1
-        }
-        Err(e) => {
-            eprintln!("{url}: {e}");
-            1
-        }
+        .map_err(|e| format!("cannot build the HTTP client: {}", error_chain(&e)))?;
+    match client.get(parsed).send().await {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) => Err(format!("answered {}", r.status())),
+        Err(e) if e.is_timeout() => Err(format!(
+            "no answer within {}",
+            humantime::format_duration(timeout)
+        )),
+        Err(e) if e.is_connect() => Err(format!("cannot connect: {}", error_chain(&e))),
+        Err(e) => Err(error_chain(&e)),
+    }
+}
+
+/// The innermost cause of an error: reqwest's own message ("error sending request")
+/// says nothing the operator can act on, its source ("Connection refused") does.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut inner = e;
+    while let Some(next) = inner.source() {
+        inner = next;
+    }
+    // io::Error displays as "Connection refused (os error 111)".
+    let text = inner.to_string();
+    let text = text.split(" (os error").next().unwrap_or(&text);
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => e.to_string(),
     }
 }

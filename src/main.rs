@@ -20,7 +20,9 @@ fn init_logging(log: &LogArgs) {
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match log.log_format {
-        LogFormat::Json => builder.json().init(),
+        // Flattened: `message` and the event's fields at the top level, where log
+        // pipelines look for them (not under `fields`).
+        LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
 }
@@ -81,8 +83,8 @@ async fn serve(args: cli::ServeArgs) -> i32 {
     let running = match ee_auth_sidecar::start(options).await {
         Ok(r) => r,
         Err(e) => {
+            // Once, in the log format the operator chose.
             tracing::error!("{e}");
-            eprintln!("error: {e}");
             return 1;
         }
     };

@@ -236,14 +236,16 @@ async fn answer(
                 .get(header::AUTHORIZATION)
                 .map(HeaderValue::as_bytes);
             if !auth.matches(header) {
+                wiring::unauthorized(header, uri.query());
                 return Err(ServeError::Unauthorized);
             }
         }
         let query = parse_query(uri.query())?;
         *proto_out = query.proto;
-        let account = config
-            .account(&query.account)
-            .ok_or(ServeError::UnknownAccount)?;
+        let Some(account) = config.account(&query.account) else {
+            wiring::unknown_account(&query.account);
+            return Err(ServeError::UnknownAccount);
+        };
         match &account.kind {
             AccountKind::Fixed(body) => return Ok((body.clone(), Outcome::Fixed)),
             AccountKind::OAuth(o) => o.set_for(query.proto).clone(),
@@ -400,4 +402,145 @@ fn set_json(o: &OAuthAccount, status: &[KeyStatus], set: &CredentialSet) -> serd
     };
     v["protocols"] = serde_json::json!(protocols);
     v
+}
+
+/// WARN lines for the two likeliest wiring mistakes, which otherwise show only in a
+/// metric: EmailEngine's `authServer` credentials do not match `auth` (often a
+/// percent-encoded password, which EmailEngine sends as written), and an account id
+/// EmailEngine has that the config does not. At most one line per cause a minute, with the
+/// count of the ones held back, so a misconfigured EmailEngine cannot flood the log.
+/// The limiters are process-wide: one sidecar runs per process.
+mod wiring {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    const EVERY: Duration = Duration::from_secs(60);
+    /// Account ids come from the request: bounded before they reach a log line.
+    const MAX_ID_CHARS: usize = 128;
+
+    struct Limiter {
+        /// Milliseconds since [`epoch`] of the last line logged, plus one (0: never).
+        last: AtomicU64,
+        held_back: AtomicU64,
+    }
+
+    static MISSING: Limiter = Limiter::new();
+    static WRONG: Limiter = Limiter::new();
+    static UNKNOWN: Limiter = Limiter::new();
+
+    fn epoch() -> Instant {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        *EPOCH.get_or_init(Instant::now)
+    }
+
+    impl Limiter {
+        const fn new() -> Self {
+            Limiter {
+                last: AtomicU64::new(0),
+                held_back: AtomicU64::new(0),
+            }
+        }
+
+        /// `Some(lines held back since the last one)` if a line may be logged now.
+        fn admit(&self) -> Option<u64> {
+            let now = u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.admit_at(now)
+        }
+
+        /// [`Limiter::admit`] at `now_ms` milliseconds since [`epoch`].
+        fn admit_at(&self, now_ms: u64) -> Option<u64> {
+            let now = now_ms.saturating_add(1);
+            let last = self.last.load(Ordering::Relaxed);
+            let every = u64::try_from(EVERY.as_millis()).unwrap_or(u64::MAX);
+            let due = last == 0 || now.saturating_sub(last) >= every;
+            if due
+                && self
+                    .last
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                return Some(self.held_back.swap(0, Ordering::Relaxed));
+            }
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+
+    /// The id as logged: at most [`MAX_ID_CHARS`], control characters (a newline would
+    /// forge a log line in the text format) replaced.
+    fn bounded(id: &str) -> String {
+        id.chars()
+            .take(MAX_ID_CHARS)
+            .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+            .collect()
+    }
+
+    /// A 401 on the token endpoint. The credentials are never logged; only whether the
+    /// password looks percent-encoded.
+    pub(super) fn unauthorized(header: Option<&[u8]>, query: Option<&str>) {
+        let (limiter, missing) = match header {
+            None => (&MISSING, true),
+            Some(_) => (&WRONG, false),
+        };
+        let Some(held_back) = limiter.admit() else {
+            return;
+        };
+        let account = crate::protocol::parse_query(query)
+            .map(|q| bounded(&q.account))
+            .unwrap_or_default();
+        if missing {
+            tracing::warn!(
+                account = %account,
+                held_back,
+                "token request without Basic credentials (401): put the user and password of the sidecar's `auth` into EmailEngine's authServer URL (http://USER:PASSWORD@127.0.0.1:8080/authentication)"
+            );
+        } else {
+            let percent_encoded = header
+                .and_then(crate::protocol::decode_basic)
+                .is_some_and(|pair| pair.contains(&b'%'));
+            tracing::warn!(
+                account = %account,
+                percent_encoded,
+                held_back,
+                "token request with wrong Basic credentials (401): EmailEngine's authServer URL must carry the user and password of the sidecar's `auth`, byte for byte; EmailEngine does not percent-decode them, so use only A-Z a-z 0-9 - . _ ~"
+            );
+        }
+    }
+
+    /// A 404 for an account id the config does not have.
+    pub(super) fn unknown_account(id: &str) {
+        let Some(held_back) = UNKNOWN.admit() else {
+            return;
+        };
+        tracing::warn!(
+            account = %bounded(id),
+            held_back,
+            "token request for an account id not in the config (404): register the account in EmailEngine with the same account id as in the sidecar's `accounts` (ids are case-sensitive), or add it to the config"
+        );
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn one_line_per_window_then_the_count_held_back() {
+            let l = Limiter::new();
+            assert_eq!(l.admit_at(0), Some(0));
+            assert_eq!(l.admit_at(1), None);
+            assert_eq!(l.admit_at(59_999), None);
+            assert_eq!(l.admit_at(60_000), Some(2));
+            assert_eq!(l.admit_at(60_001), None);
+            assert_eq!(l.admit_at(200_000), Some(1));
+        }
+
+        #[test]
+        fn ids_are_bounded_on_a_char_boundary() {
+            let long = "é".repeat(300);
+            assert_eq!(bounded(&long).chars().count(), MAX_ID_CHARS);
+            assert_eq!(bounded("alice"), "alice");
+            assert_eq!(bounded("a\nINFO forged"), "a\u{fffd}INFO forged");
+        }
+    }
 }

@@ -172,7 +172,11 @@ impl Sidecar {
                 store
             }
             None => {
-                tracing::warn!("no --state-dir: rotated refresh tokens are kept in memory only and are LOST on restart; accounts whose provider rotates refresh tokens (Microsoft) will fail once the config's token expires");
+                // Only refresh-token grants can rotate; a config of passwords, static
+                // tokens and app-only grants loses nothing on restart.
+                if config.credential_sets().any(|s| s.refresh_token.is_some()) {
+                    tracing::warn!("no --state-dir: rotated refresh tokens are kept in memory only and are LOST on restart; accounts whose provider rotates refresh tokens (Microsoft) will fail once the config's token expires");
+                }
                 TokenStore::in_memory()
             }
         };

@@ -1019,7 +1019,7 @@ async fn full_run_leaks_no_secret(mode: LogMode) {
         failures.iter().any(|l| match mode {
             LogMode::JsonDebug => {
                 let v: Value = serde_json::from_str(l).unwrap();
-                let f = &v["fields"];
+                let f = &v;
                 f["account"] == account
                     && f["class"] == class
                     && f["code"] == code

@@ -95,8 +95,8 @@ fn spawn(config: &Path, state: &Path) -> Sidecar {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if v["fields"]["message"] == "listening" {
-                    if let (Some(tx), Some(a)) = (tx.take(), v["fields"]["addr"].as_str()) {
+                if v["message"] == "listening" {
+                    if let (Some(tx), Some(a)) = (tx.take(), v["addr"].as_str()) {
                         let _ = tx.send(a.parse::<SocketAddr>().unwrap());
                     }
                 }

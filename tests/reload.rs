@@ -1258,8 +1258,8 @@ async fn the_binary_logs_one_clear_error_for_a_bad_config_and_no_secret() {
     while addr.is_none() && Instant::now() < deadline {
         addr = log_lines(&log)
             .iter()
-            .find(|l| l["fields"]["message"] == "listening")
-            .and_then(|l| l["fields"]["addr"].as_str())
+            .find(|l| l["message"] == "listening")
+            .and_then(|l| l["addr"].as_str())
             .map(|a| a.parse::<std::net::SocketAddr>().unwrap());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -141,6 +141,26 @@ def dockerfile_entrypoint() -> list[str]:
     return json.loads(entry[0].split(" ", 1)[1])
 
 
+def resolve_secret_file(config_path: str, file: str) -> str:
+    """Where the sidecar reads a `{"file": ...}` secret: relative to the config's directory."""
+    return os.path.normpath(os.path.join(os.path.dirname(config_path), file))
+
+
+def secret_refs(value, path="") -> list[tuple[str, str, str]]:
+    """Every `{"file": ...}` / `{"env": ...}` secret of a config: (JSON path, kind, value)."""
+    found = []
+    if isinstance(value, dict):
+        if set(value) in ({"file"}, {"env"}):
+            (kind, ref), = value.items()
+            return [(path, kind, ref)]
+        for k, v in value.items():
+            found += secret_refs(v, f"{path}.{k}" if path else k)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found += secret_refs(v, f"{path}[{i}]")
+    return found
+
+
 ALL_PODS = list(WORKLOADS) + [JOB]
 ALL_CONTAINERS = [
     pytest.param(name, c["name"], id=f"{name}/{c['name']}")
@@ -376,7 +396,7 @@ def test_job_credentials_are_the_sidecar_config_credentials():
     config = json.loads(data[key])
 
     assert env["AUTH_USER"]["value"] == config["auth"]["username"]
-    password_file = config["auth"]["password"]["file"]
+    password_file = resolve_secret_file(config_path, config["auth"]["password"]["file"])
     assert password_file.rsplit("/", 1)[0] == directory, "the password file must be in the Secret"
     ref = env["AUTH_PASSWORD"]["valueFrom"]["secretKeyRef"]
     assert (ref["name"], ref["key"]) == (secret_name, password_file.rsplit("/", 1)[1])
@@ -504,3 +524,148 @@ def test_dockerfile_defaults_match_manifests():
     assert cmd == [["serve", "--state-dir=" + flag(sidecar, "state-dir")]]
     assert sidecar["securityContext"]["runAsUser"] == 65532
     assert sidecar["securityContext"]["runAsGroup"] == 65532
+
+
+# --- one secret-path convention ---------------------------------------------------------
+#
+# The config Secret is mounted as one directory (/etc/ee-auth-sidecar), each key a file;
+# keys cannot contain `/`. So every secret file a config names must be a direct child of
+# that directory, and the shipped configs name it relative to config.json: the key name.
+# The same config then works in the pod and beside its placeholder files on a laptop.
+
+EXAMPLES = DEPLOY / "examples"
+SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")  # what Kubernetes allows as a Secret key
+EXAMPLE_CONFIGS = sorted(EXAMPLES.glob("*.json"))
+OVERLAY_CONFIGS = sorted(K8S.glob("overlays/*/secrets/config.json"))
+
+
+def _sidecar_config_mount(name: str = "example") -> tuple[str, str, str]:
+    """(--config path, its directory, the Secret mounted there) of a rendered workload."""
+    spec = pod_spec(name)
+    sidecar = container(spec, SIDECAR)
+    config_path = flag(sidecar, "config")
+    directory = config_path.rsplit("/", 1)[0]
+    _, volume = mount_for(spec, sidecar, directory)
+    return config_path, directory, volume["secret"]["secretName"]
+
+
+@pytest.mark.parametrize("config", EXAMPLE_CONFIGS + OVERLAY_CONFIGS, ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_secret_files_are_keys_of_the_mounted_config_secret(config):
+    config_path, directory, _ = _sidecar_config_mount()
+    refs = secret_refs(json.loads(config.read_text()))
+    # The manifests set no environment variable for secrets: {"env": ...} would fail in the pod.
+    assert not [r for r in refs if r[1] == "env"], "use {\"file\": \"<key>\"}, not env"
+    for path, _, file in (r for r in refs if r[1] == "file"):
+        assert not file.startswith("/"), f"{path}: name the key relative to config.json, not {file}"
+        resolved = resolve_secret_file(config_path, file)
+        parent, key = resolved.rsplit("/", 1)
+        assert parent == directory, f"{path}: {file} is not in the mounted Secret {directory}"
+        assert SECRET_KEY.match(key), f"{path}: {key} is not a valid Secret key"
+        # A placeholder beside the config, so `check` passes on it as shipped.
+        assert (config.parent / file).is_file(), f"{path}: no placeholder {config.parent / file}"
+
+
+def test_overlay_secret_has_every_key_its_config_names():
+    config_path, _, secret_name = _sidecar_config_mount()
+    data = secret_data("example", secret_name)
+    config = json.loads(data[config_path.rsplit("/", 1)[1]])
+    keys = {resolve_secret_file(config_path, f).rsplit("/", 1)[1] for _, kind, f in secret_refs(config) if kind == "file"}
+    assert keys, "the example names its Basic password by key"
+    assert keys <= set(data), f"keys the config names but the Secret lacks: {keys - set(data)}"
+
+
+DOCS_WITH_SECRET_PATHS = [
+    DEPLOY.parent / "README.md",
+    DEPLOY.parent / "docs" / "runbook.md",
+    DEPLOY.parent / "docs" / "emailengine.md",
+    K8S / "README.md",
+]
+
+
+@pytest.mark.parametrize("doc", DOCS_WITH_SECRET_PATHS, ids=lambda p: str(p.relative_to(DEPLOY.parent)))
+def test_docs_use_the_same_secret_paths(doc):
+    """Secret files in the docs are keys of the mounted Secret: relative names, or absolute
+    paths directly in its directory, never below it."""
+    _, directory, _ = _sidecar_config_mount()
+    text = doc.read_text()
+    for m in re.finditer(r'\{\s*"file"\s*:\s*"([^"]+)"\s*\}', text):
+        file = m.group(1)
+        if file.startswith("<"):
+            continue  # a placeholder such as <key>
+        resolved = file if file.startswith("/") else f"{directory}/{file}"
+        parent, key = resolved.rsplit("/", 1)
+        assert parent == directory, f"{doc.name}: {file} is not a key of the Secret mounted at {directory}"
+        assert SECRET_KEY.match(key), f"{doc.name}: {key} is not a valid Secret key"
+    assert "/etc/ee-auth/" not in text
+    assert f"{directory}/config/" not in text and f"{directory}/secrets/" not in text
+
+
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(DEPLOY.parent), *args], capture_output=True, text=True)
+
+
+def test_secrets_of_a_copied_overlay_are_git_ignored():
+    if shutil.which("git") is None or _git("rev-parse").returncode != 0:
+        pytest.skip("not a git work tree")
+    # What deploy/kubernetes/README.md tells the operator to create.
+    assert _git("check-ignore", "-q", "deploy/kubernetes/overlays/prod/secrets/config.json").returncode == 0
+    assert _git("check-ignore", "-q", "deploy/kubernetes/overlays/prod/secrets/basic-password").returncode == 0
+    # The overlay itself stays trackable, and so do the example's placeholders.
+    assert _git("check-ignore", "-q", "deploy/kubernetes/overlays/prod/kustomization.yaml").returncode == 1
+    assert _git("check-ignore", "-q", "deploy/kubernetes/overlays/example/secrets/config.json").returncode == 1
+
+
+# --- monitoring -------------------------------------------------------------------------
+
+MONITORING = DEPLOY / "monitoring"
+RUNBOOK = DEPLOY.parent / "docs" / "runbook.md"
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to dashes."""
+    out = set()
+    fenced = False
+    for line in markdown.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        m = None if fenced else re.match(r"^#{1,6}\s+(.*)$", line)
+        if m:
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            out.add(slug)
+    return out
+
+
+def _rules() -> list[dict]:
+    groups = yaml.safe_load((MONITORING / "rules.yml").read_text())["groups"]
+    return [r for g in groups for r in g["rules"]]
+
+
+def test_prometheusrule_carries_the_rules_file():
+    plain = yaml.safe_load((MONITORING / "rules.yml").read_text())
+    crd = yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())
+    assert crd["apiVersion"] == "monitoring.coreos.com/v1" and crd["kind"] == "PrometheusRule"
+    assert crd["spec"]["groups"] == plain["groups"], "regenerate prometheusrule.yaml from rules.yml"
+
+
+def test_every_alert_has_a_runbook_section_and_a_unit_test():
+    anchors = _anchors(RUNBOOK.read_text())
+    tests = yaml.safe_load((MONITORING / "rules.test.yml").read_text())["tests"]
+    tested = {t["alertname"] for case in tests for t in case.get("alert_rule_test", []) if t.get("exp_alerts")}
+    for rule in _rules():
+        name = rule["alert"]
+        url = rule["annotations"]["runbook_url"]
+        assert url.split("#", 1)[1] in anchors, f"{name}: {url} has no section in docs/runbook.md"
+        assert {"summary", "description"} <= set(rule["annotations"]), name
+        assert rule["labels"]["severity"] in {"warning", "critical"}, name
+        assert name in tested, f"{name}: no promtool test that sees it fire"
+
+
+def test_dashboard_is_grafana_json_on_a_prometheus_datasource():
+    dash = json.loads((MONITORING / "dashboard.json").read_text())
+    assert dash["uid"] and dash["title"]
+    panels = dash["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids are unique"
+    for p in panels:
+        assert p["datasource"]["uid"] == "${datasource}", p["title"]
+        assert p["targets"] and all(t["expr"] for t in p["targets"]), p["title"]
