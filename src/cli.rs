@@ -127,8 +127,9 @@ pub struct ServeArgs {
     /// Retry delay after a permanent failure (invalid_grant…); a config change retries at once.
     #[arg(long, default_value = "1h", value_parser = duration, env = "EE_AUTH_PERMANENT_RETRY")]
     pub permanent_retry: Duration,
-    /// How long a request waits for a token fetch before it is answered 429.
-    #[arg(long, default_value = "10s", value_parser = duration, env = "EE_AUTH_REQUEST_WAIT")]
+    /// How long a request without a token is held (for the fetch under way, or through a
+    /// back-off for the next attempt) before it is answered 429.
+    #[arg(long, default_value = "20s", value_parser = duration, env = "EE_AUTH_REQUEST_WAIT")]
     pub request_wait: Duration,
     /// Timeout of one call to an identity provider.
     #[arg(long, default_value = "30s", value_parser = duration, env = "EE_AUTH_UPSTREAM_TIMEOUT")]

@@ -33,9 +33,8 @@ pub enum ServeError {
     Cache(#[from] CacheError),
 }
 
-/// Retry-After values are kept short: EmailEngine holds the IMAP connection attempt open
-/// while it waits, and a later retry will simply be told again.
-const MAX_RETRY_AFTER_SECS: u64 = 30;
+/// Retry-After values are kept within what EmailEngine honours (it caps them at 30 s).
+const MAX_RETRY_AFTER_SECS: u64 = crate::cache::schedule::MAX_RETRY_HINT.as_secs();
 
 impl ServeError {
     /// The HTTP status for this error; see the protocol contract for why 429 is special.

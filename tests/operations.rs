@@ -165,6 +165,8 @@ async fn metrics_families_are_present_and_move_with_requests_refreshes_and_reloa
     let mut o = test_options(&cfg);
     o.policy.backoff_base = Duration::from_millis(200);
     o.policy.backoff_max = Duration::from_millis(400);
+    // Covers the mock's 800 ms answers below.
+    o.policy.request_wait = Duration::from_secs(2);
     let sc = start(o).await.unwrap();
     let (c, a) = (client(), sc.local_addr);
 
@@ -278,7 +280,9 @@ async fn metrics_families_are_present_and_move_with_requests_refreshes_and_reloa
 
     // A transient and a permanent failure.
     idp.with(|s| s.delay = Duration::ZERO);
-    idp.set_fault(Fault::status(503, None));
+    // The provider asks for 5 s, beyond the request's 2 s bound: the request is answered
+    // after its one attempt (a shorter back-off would be ridden out, tests/outage.rs).
+    idp.set_fault(Fault::status(503, Some(5)));
     assert_eq!(
         ask(&c, a, "account=bob-acct-id&proto=imap", None)
             .await
@@ -304,7 +308,7 @@ async fn metrics_families_are_present_and_move_with_requests_refreshes_and_reloa
             + accounts_in(&m, "refreshing")
             + accounts_in(&m, "ok"),
         2.0,
-        "bob is failing or already retrying (back-off is 200 ms): {m}"
+        "bob is failing (backing off) or already retrying: {m}"
     );
 
     // Stale-while-error: a 3 s token whose refresh fails is still served while valid.

@@ -187,6 +187,9 @@ struct KeyRecord {
     expires: Option<(Instant, SystemTime)>,
     /// This key's entry in the refresh queue, if a refresh is due.
     due: Option<DueId>,
+    /// Requests held through a back-off, woken when the key's next attempt starts (made
+    /// by the first such request, taken by the attempt).
+    waiters: Option<Arc<Notify>>,
 }
 
 impl KeyRecord {
@@ -201,7 +204,33 @@ impl KeyRecord {
             last_ok: None,
             expires: None,
             due: None,
+            waiters: None,
         }
+    }
+}
+
+/// What a held request does next (see [`TokenCache::fetch_or_join`]).
+enum Step {
+    /// Wait for this fetch's result.
+    Join(Flight, Source),
+    /// Sleep until the back-off ends (or the deadline), or until an attempt starts.
+    Sleep(Instant, tokio::sync::futures::OwnedNotified),
+}
+
+/// Wakes the requests held on a key (its attempt started, or the key was reset or
+/// removed): each looks at the key again.
+fn wake(waiters: &mut Option<Arc<Notify>>) {
+    if let Some(waiters) = waiters.take() {
+        waiters.notify_waiters();
+    }
+}
+
+/// No token yet, for a transient reason; `next_attempt_in` is when the key's next
+/// attempt is due, if known.
+fn unavailable(next_attempt_in: Option<Duration>, reason: &str) -> CacheError {
+    CacheError::Unavailable {
+        retry_after: schedule::retry_hint(next_attempt_in),
+        reason: reason.into(),
     }
 }
 
@@ -445,7 +474,7 @@ impl TokenCache {
         } else {
             self.policy.request_wait.min(servable_for / 2)
         };
-        let result = self.fetch_or_join(set, wait).await;
+        let result = self.fetch_or_join(set, wait, servable_for.is_zero()).await;
         match result {
             Ok((tok, source)) => {
                 self.metrics.cache_event(match source {
@@ -478,30 +507,84 @@ impl TokenCache {
 
     /// Joins the fetch under way for the key, or starts one unless the key is backing
     /// off after a failure; waits for it at most `wait`.
+    ///
+    /// With `hold` (no servable token in hand), a transient failure does not end the
+    /// request: it waits, within `wait`, for the key's next attempt (started by the
+    /// refresh queue when the back-off ends, or by a waiter) and its result, because
+    /// EmailEngine retries only a 429, at most five times: one request that spans the
+    /// sidecar's own retries saves EmailEngine's (see the README, "Provider outages").
+    /// It never starts an attempt the back-off schedule does not allow. A permanent
+    /// failure ends the request at once.
     async fn fetch_or_join(
         self: &Arc<Self>,
         set: &Arc<CredentialSet>,
         wait: Duration,
+        hold: bool,
     ) -> Result<(CachedToken, Source), CacheError> {
-        let (flight, source) = {
-            let mut keys = self.lock();
-            let now = Instant::now();
-            let rec = self.record_for(&mut keys, set);
-            if let Some(f) = &rec.inflight {
-                (f.clone(), Source::Joined)
-            } else if let Some(fail) = rec.failure.as_ref().filter(|f| f.retry_at > now) {
-                return Err(self.failure_error(set, fail, now));
-            } else {
-                (self.start_flight(rec, None), Source::Miss)
+        let deadline = Instant::now()
+            .checked_add(wait)
+            .unwrap_or_else(Instant::now);
+        let mut source = None;
+        let mut first_look = true;
+        loop {
+            let step = {
+                let mut keys = self.lock();
+                let now = Instant::now();
+                let rec = if std::mem::take(&mut first_look) {
+                    self.record_for(&mut keys, set)
+                } else {
+                    // After the first look, only the record this request started with:
+                    // a key removed or replaced meanwhile is answered from the new config
+                    // by the client's next request, never brought back by this one.
+                    match keys
+                        .get_mut(&set.key)
+                        .filter(|r| r.set.fingerprint == set.fingerprint)
+                    {
+                        Some(rec) => rec,
+                        None => return Err(unavailable(None, "the account's credentials changed")),
+                    }
+                };
+                if let Some(f) = &rec.inflight {
+                    Step::Join(f.clone(), Source::Joined)
+                } else if let Some(fail) = rec.failure.as_ref().filter(|f| f.retry_at > now) {
+                    let until = schedule::hold_until(now, deadline, fail.retry_at);
+                    if !hold || fail.error.class == ErrorClass::Permanent || until <= now {
+                        return Err(self.failure_error(set, fail, now));
+                    }
+                    // Woken early when an attempt starts (the refresh queue's, an admin
+                    // refresh, another request's), to join it.
+                    let news = rec.waiters.get_or_insert_with(Default::default).clone();
+                    Step::Sleep(until, news.notified_owned())
+                } else {
+                    Step::Join(self.start_flight(rec, None), Source::Miss)
+                }
+            };
+            match step {
+                Step::Sleep(until, news) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until) => {}
+                        () = news => {}
+                    }
+                }
+                Step::Join(flight, joined_as) => {
+                    let source = *source.get_or_insert(joined_as);
+                    match tokio::time::timeout_at(deadline, flight).await {
+                        Ok(Ok(tok)) => return Ok((tok, source)),
+                        Ok(Err(e)) if !hold || e.class == ErrorClass::Permanent => {
+                            return Err(self.error_from(set, &e, None))
+                        }
+                        // Transient: the failure is recorded with its back-off; the next
+                        // turn waits for the attempt after it, or answers at the deadline.
+                        Ok(Err(_)) => {}
+                        Err(_) => {
+                            return Err(unavailable(
+                                None,
+                                "the identity provider has not answered yet",
+                            ))
+                        }
+                    }
+                }
             }
-        };
-        match tokio::time::timeout(wait, flight).await {
-            Ok(Ok(tok)) => Ok((tok, source)),
-            Ok(Err(e)) => Err(self.error_from(set, &e, None)),
-            Err(_) => Err(CacheError::Unavailable {
-                retry_after: Duration::from_secs(1),
-                reason: "the identity provider has not answered yet".into(),
-            }),
         }
     }
 
@@ -520,6 +603,7 @@ impl TokenCache {
             // cell (and so moka's entry) stays the key's.
             self.unschedule(rec);
             cell_lock(&rec.cell).take();
+            wake(&mut rec.waiters);
             rec.set = set.clone();
             rec.generation = generation;
             rec.inflight = None;
@@ -550,7 +634,7 @@ impl TokenCache {
                 error: e.clone(),
             },
             ErrorClass::Transient => CacheError::Unavailable {
-                retry_after: retry_in.or(e.retry_after).unwrap_or(Duration::from_secs(1)),
+                retry_after: schedule::retry_hint(retry_in.or(e.retry_after)),
                 reason: format!("the identity provider failed: {e}"),
             },
         }
@@ -580,6 +664,7 @@ impl TokenCache {
         .boxed()
         .shared();
         rec.inflight = Some(flight.clone());
+        wake(&mut rec.waiters);
         flight
     }
 
@@ -913,10 +998,10 @@ impl TokenCache {
         match tokio::time::timeout(self.policy.request_wait, flight).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(self.error_from(set, &e, None)),
-            Err(_) => Err(CacheError::Unavailable {
-                retry_after: Duration::from_secs(1),
-                reason: "the identity provider has not answered yet".into(),
-            }),
+            Err(_) => Err(unavailable(
+                None,
+                "the identity provider has not answered yet",
+            )),
         }
     }
 
@@ -926,6 +1011,7 @@ impl TokenCache {
             return;
         };
         self.unschedule(&mut rec);
+        wake(&mut rec.waiters);
         // Credential sets of older configs may remember this cell: emptied, it sends
         // them to the index instead of serving a token of a removed key.
         cell_lock(&rec.cell).take();

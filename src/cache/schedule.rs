@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 /// Timing settings (all from the CLI).
 #[derive(Clone, Debug)]
 pub struct Policy {
@@ -20,7 +22,8 @@ pub struct Policy {
     pub backoff_max: Duration,
     /// Retry delay after a permanent failure (a config change retries at once).
     pub permanent_retry: Duration,
-    /// How long a request waits for a fetch before it is answered 429.
+    /// How long a request without a servable token is held (for the fetch under way, or
+    /// through a back-off for the next attempt) before it is answered 429.
     pub request_wait: Duration,
 }
 
@@ -34,7 +37,7 @@ impl Default for Policy {
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             permanent_retry: Duration::from_secs(3600),
-            request_wait: Duration::from_secs(10),
+            request_wait: Duration::from_secs(20),
         }
     }
 }
@@ -49,6 +52,44 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
 /// real provider issues an hour or less (24 h at most), and a token kept for years would
 /// outlive any revocation.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// The shortest Retry-After while no token can be had: a client told less would come back
+/// before anything changed and use up its retries (EmailEngine makes six requests in one
+/// lookup).
+pub const MIN_RETRY_HINT: Duration = Duration::from_secs(3);
+
+/// How much sooner than the key's next attempt a client is told to come back, so that
+/// its request is already waiting when the attempt's result arrives.
+pub const RETRY_LEAD: Duration = Duration::from_secs(1);
+
+/// The longest Retry-After EmailEngine honours (its RetryAgent's `maxTimeout`).
+pub const MAX_RETRY_HINT: Duration = Duration::from_secs(30);
+
+/// The Retry-After for a request answered without a token: just before the key's next
+/// attempt when that is known, between [`MIN_RETRY_HINT`] and [`MAX_RETRY_HINT`].
+pub fn retry_hint(next_attempt_in: Option<Duration>) -> Duration {
+    next_attempt_in.map_or(MIN_RETRY_HINT, |d| {
+        d.saturating_sub(RETRY_LEAD)
+            .clamp(MIN_RETRY_HINT, MAX_RETRY_HINT)
+    })
+}
+
+/// Until when a request without a servable token is held while its key backs off, given
+/// the request's bound (`deadline`) and the key's next attempt.
+///
+/// Through the attempt, when it is due within the bound. Otherwise until the last moment
+/// from which a Retry-After of at most 30 s still brings the client back just before that
+/// attempt, but no later than the bound: a client told to come back too early would spend
+/// one of EmailEngine's six requests on waiting; one told too late misses the attempt.
+pub fn hold_until(now: Instant, deadline: Instant, next_attempt: Instant) -> Instant {
+    if next_attempt <= deadline {
+        return next_attempt;
+    }
+    next_attempt
+        .checked_sub(RETRY_LEAD + MAX_RETRY_HINT)
+        .map_or(now, |t| t.max(now))
+        .min(deadline)
+}
 
 /// When a token of a given lifetime is refreshed, and how much life it must keep to be served.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -184,6 +225,36 @@ mod tests {
         let p = plan(Duration::from_secs(3), &policy(60), 0.0);
         assert_eq!(p.refresh_after, Duration::from_secs_f64(1.5));
         assert_eq!(p.min_life, Duration::from_secs_f64(0.75));
+    }
+
+    #[test]
+    fn retry_hints_bring_the_client_back_just_before_the_next_attempt() {
+        let s = Duration::from_secs;
+        assert_eq!(retry_hint(Some(s(17))), s(16));
+        assert_eq!(
+            retry_hint(Some(Duration::from_millis(16_300))),
+            Duration::from_millis(15_300)
+        );
+        // Never so short that the client only comes back to wait, never over EmailEngine's cap.
+        assert_eq!(retry_hint(Some(s(2))), MIN_RETRY_HINT);
+        assert_eq!(retry_hint(Some(Duration::ZERO)), MIN_RETRY_HINT);
+        assert_eq!(retry_hint(None), MIN_RETRY_HINT);
+        assert_eq!(retry_hint(Some(s(3600))), MAX_RETRY_HINT);
+    }
+
+    #[test]
+    fn a_request_is_held_through_an_attempt_within_its_bound_else_until_it_can_be_sent_back() {
+        let s = Duration::from_secs;
+        let now = Instant::now();
+        let deadline = now + s(20);
+        // The attempt is within the bound: hold through it.
+        assert_eq!(hold_until(now, deadline, now + s(7)), now + s(7));
+        // Reachable with one Retry-After: answer at once (the client returns 1 s early).
+        assert_eq!(hold_until(now, deadline, now + s(25)), now);
+        // Further: hold until a 30 s Retry-After lands just before it...
+        assert_eq!(hold_until(now, deadline, now + s(45)), now + s(14));
+        // ... but never past the bound.
+        assert_eq!(hold_until(now, deadline, now + s(90)), deadline);
     }
 
     proptest! {

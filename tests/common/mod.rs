@@ -547,3 +547,110 @@ pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
     }
     cond()
 }
+
+/// One request of an EmailEngine credential lookup, as the client saw it.
+#[derive(Clone, Debug)]
+pub struct LookupRequest {
+    pub sent: Instant,
+    pub answered: Instant,
+    /// The HTTP status, or None for a network error.
+    pub status: Option<u16>,
+    pub retry_after: Option<u64>,
+}
+
+/// The outcome of one credential lookup (EmailEngine's `resolveCredentials`).
+#[derive(Debug)]
+pub struct Lookup {
+    pub requests: Vec<LookupRequest>,
+    /// The final answer's body when it was a 200.
+    pub body: Option<serde_json::Value>,
+}
+
+impl Lookup {
+    /// Whether the lookup succeeded (EmailEngine got credentials, nothing visible).
+    pub fn succeeded(&self) -> bool {
+        self.body.is_some()
+    }
+
+    /// When the lookup ended.
+    pub fn ended(&self) -> Instant {
+        self.requests
+            .last()
+            .map(|r| r.answered)
+            .expect("at least one request")
+    }
+}
+
+/// Makes one credential lookup the way EmailEngine 2.79 does (undici's RetryAgent:
+/// `maxRetries` 5, `statusCodes: [429]`, `maxTimeout` 30 s; network errors retried too;
+/// 90 s per request): a 429 is retried after `min(Retry-After, 30 s)` (no header: 0.5 s
+/// doubling to 30 s), a connection error after 0.5 s doubling, any other status ends it.
+pub async fn emailengine_lookup(
+    addr: SocketAddr,
+    query: &str,
+    basic: Option<(&str, &str)>,
+) -> Lookup {
+    const MAX_RETRIES: u32 = 5;
+    const MAX_TIMEOUT: Duration = Duration::from_secs(30);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(90))
+        // undici's keepAliveTimeout: an idle connection is not reused after 4 s.
+        .pool_idle_timeout(Duration::from_secs(4))
+        .build()
+        .unwrap();
+    let mut lookup = Lookup {
+        requests: Vec::new(),
+        body: None,
+    };
+    for attempt in 0..=MAX_RETRIES {
+        let mut req = client.get(format!("http://{addr}/authentication?{query}"));
+        if let Some((u, p)) = basic {
+            req = req.basic_auth(u, Some(p));
+        }
+        let sent = Instant::now();
+        let backoff = Duration::from_millis(500)
+            .saturating_mul(1 << attempt)
+            .min(MAX_TIMEOUT);
+        let delay = match req.send().await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let retry_after = resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                let bytes = resp.bytes().await.unwrap_or_default();
+                lookup.requests.push(LookupRequest {
+                    sent,
+                    answered: Instant::now(),
+                    status: Some(status),
+                    retry_after,
+                });
+                match status {
+                    200..=299 => {
+                        lookup.body = serde_json::from_slice(&bytes).ok();
+                        return lookup;
+                    }
+                    429 => retry_after.map_or(backoff, |s| Duration::from_secs(s).min(MAX_TIMEOUT)),
+                    _ => return lookup,
+                }
+            }
+            Err(e) => {
+                lookup.requests.push(LookupRequest {
+                    sent,
+                    answered: Instant::now(),
+                    status: None,
+                    retry_after: None,
+                });
+                if e.is_timeout() {
+                    return lookup;
+                }
+                backoff
+            }
+        };
+        if attempt < MAX_RETRIES {
+            tokio::time::sleep(delay).await;
+        }
+    }
+    lookup
+}
