@@ -10,7 +10,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ee_auth_sidecar::cache::schedule::{backoff, Policy};
 use serde_json::json;
 
 /// How long the provider fails (the target).
@@ -31,19 +30,6 @@ async fn sidecar(
     let mut o = test_options(&path);
     tweak(&mut o);
     start(o).await.unwrap()
-}
-
-/// The most upstream calls the back-off schedule allows in `span`, counting the first:
-/// every delay at its shortest (jitter 0) and no shorter than the provider's Retry-After.
-fn calls_allowed(policy: &Policy, retry_after: Option<Duration>, span: Duration) -> u32 {
-    let (mut calls, mut at) = (1, Duration::ZERO);
-    loop {
-        at += backoff(calls, retry_after, policy, 0.0);
-        if at > span {
-            return calls;
-        }
-        calls += 1;
-    }
 }
 
 /// A cold account (no token yet) asked for while the provider fails for [`OUTAGE`]:

@@ -1382,10 +1382,12 @@ async fn a_token_endpoint_redirect_is_never_followed_and_names_its_target_host()
         })
         .collect();
     let dir = tempfile::tempdir().unwrap();
+    // At most half the first back-off (1 s): each request sees exactly its one attempt
+    // (a longer hold would ride the retries, tests/outage.rs).
     let sc = start_config(
         dir.path(),
         json!({ "providers": { "idp": oauth2_provider(&idp) }, "accounts": accounts }),
-        |_| {},
+        |o| o.policy.request_wait = Duration::from_millis(500),
     )
     .await;
     let c = client();

@@ -654,3 +654,20 @@ pub async fn emailengine_lookup(
     }
     lookup
 }
+
+/// The most upstream calls the back-off schedule allows in `span`, counting the first:
+/// every delay at its shortest (jitter 0) and no shorter than the provider's Retry-After.
+pub fn calls_allowed(
+    policy: &ee_auth_sidecar::cache::schedule::Policy,
+    retry_after: Option<Duration>,
+    span: Duration,
+) -> u32 {
+    let (mut calls, mut at) = (1, Duration::ZERO);
+    loop {
+        at += ee_auth_sidecar::cache::schedule::backoff(calls, retry_after, policy, 0.0);
+        if at > span {
+            return calls;
+        }
+        calls += 1;
+    }
+}
