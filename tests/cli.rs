@@ -1347,6 +1347,36 @@ async fn a_fifo_secret_at_start_is_a_clear_error_and_check_returns_promptly() {
         );
         assert!(!p.stderr().contains("listening"), "{sub}");
     }
+    // TLS material is read the same way: a FIFO for the certificate stops start-up at once.
+    let good = write_config(
+        &dir.path().join("serve"),
+        &json!({ "accounts": { "m": { "user": "u", "pass": "p" } } }),
+    );
+    let tls_dir = dir.path().join("tls");
+    std::fs::create_dir(&tls_dir).unwrap();
+    let f = fifo.to_str().unwrap();
+    let mut p = Proc::spawn(
+        &tls_dir,
+        &args(&[
+            "--config",
+            good.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .into_iter()
+        .chain(args(&["--tls-cert", f, "--tls-key", f]))
+        .collect::<Vec<_>>(),
+        &[],
+    );
+    let status = p.wait(Duration::from_secs(10)).await;
+    let err = p.stderr();
+    assert_eq!(status.code(), Some(1), "tls: {status}\n{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot read certificate file {f}: is a FIFO (named pipe)"
+        )),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
