@@ -24,6 +24,46 @@ fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 5m)"))
 }
 
+const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+const fn millis(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A duration flag that accepts `min` to `max` (inclusive). Every duration flag has a
+/// range: an absurd value (`500000000000y`) is refused at start (exit 2) rather than
+/// overflowing a clock somewhere later. The ranges are listed in the README.
+fn duration_in(
+    min: Duration,
+    max: Duration,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    move |s| {
+        let fmt = humantime::format_duration;
+        match duration(s)? {
+            d if d < min || d > max => Err(format!(
+                "out of range: must be {} to {}",
+                fmt(min),
+                fmt(max)
+            )),
+            d => Ok(d),
+        }
+    }
+}
+
+/// A count flag that accepts `min` to `max` (inclusive).
+fn count_in(
+    min: usize,
+    max: usize,
+) -> impl Fn(&str) -> Result<usize, String> + Clone + Send + Sync + 'static {
+    move |s| match s.trim().parse::<u128>() {
+        Ok(n) if n >= min as u128 && n <= max as u128 => Ok(n as usize),
+        Ok(_) => Err(format!("out of range: must be {min} to {max}")),
+        Err(_) => Err(format!("not a whole number (must be {min} to {max})")),
+    }
+}
+
 /// The sidecar's command line.
 #[derive(Parser, Debug)]
 #[command(name = "ee-auth-sidecar", version = VERSION, about = "Authentication server sidecar for EmailEngine", args_conflicts_with_subcommands = true)]
@@ -57,7 +97,7 @@ pub enum Command {
         /// The URL, e.g. http://127.0.0.1:8080/readyz
         url: String,
         /// How long to wait.
-        #[arg(long, default_value = "2s", value_parser = duration)]
+        #[arg(long, default_value = "2s", value_parser = duration_in(millis(100), secs(60)))]
         timeout: Duration,
     },
 }
@@ -113,50 +153,52 @@ pub struct ServeArgs {
     #[arg(long, env = "EE_AUTH_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// Never hand out a token with less life left (scaled down for short-lived tokens).
-    #[arg(long, default_value = "60s", value_parser = duration, env = "EE_AUTH_MIN_TTL")]
+    #[arg(long, default_value = "60s", value_parser = duration_in(secs(0), secs(3600)), env = "EE_AUTH_MIN_TTL")]
     pub min_ttl: Duration,
     /// Refresh at least this long before expiry (or 1/5 of the lifetime if larger).
-    #[arg(long, default_value = "5m", value_parser = duration, env = "EE_AUTH_REFRESH_MARGIN")]
+    #[arg(long, default_value = "5m", value_parser = duration_in(secs(0), secs(12 * 3600)), env = "EE_AUTH_REFRESH_MARGIN")]
     pub refresh_margin: Duration,
     /// Lifetime assumed when a provider's answer has no expires_in.
-    #[arg(long, default_value = "10m", value_parser = duration, env = "EE_AUTH_DEFAULT_LIFETIME")]
+    // At least 1s: a shorter lifetime would make the refresh schedule a tight loop.
+    #[arg(long, default_value = "10m", value_parser = duration_in(secs(1), secs(86_400)), env = "EE_AUTH_DEFAULT_LIFETIME")]
     pub default_lifetime: Duration,
     /// Largest retry delay after transient failures.
-    #[arg(long, default_value = "60s", value_parser = duration, env = "EE_AUTH_BACKOFF_MAX")]
+    #[arg(long, default_value = "60s", value_parser = duration_in(secs(1), secs(3600)), env = "EE_AUTH_BACKOFF_MAX")]
     pub backoff_max: Duration,
     /// Retry delay after a permanent failure (invalid_grant…); a config change retries at once.
-    #[arg(long, default_value = "1h", value_parser = duration, env = "EE_AUTH_PERMANENT_RETRY")]
+    #[arg(long, default_value = "1h", value_parser = duration_in(secs(1), secs(7 * 86_400)), env = "EE_AUTH_PERMANENT_RETRY")]
     pub permanent_retry: Duration,
     /// How long a request without a token is held (for the fetch under way, or through a
-    /// back-off for the next attempt) before it is answered 429.
-    #[arg(long, default_value = "20s", value_parser = duration, env = "EE_AUTH_REQUEST_WAIT")]
+    /// back-off for the next attempt) before it is answered 429; below EmailEngine's 90 s
+    /// request timeout.
+    #[arg(long, default_value = "20s", value_parser = duration_in(Duration::ZERO, secs(80)), env = "EE_AUTH_REQUEST_WAIT")]
     pub request_wait: Duration,
     /// Timeout of one call to an identity provider.
-    #[arg(long, default_value = "30s", value_parser = duration, env = "EE_AUTH_UPSTREAM_TIMEOUT")]
+    #[arg(long, default_value = "30s", value_parser = duration_in(millis(100), secs(300)), env = "EE_AUTH_UPSTREAM_TIMEOUT")]
     pub upstream_timeout: Duration,
     /// Periodic re-read of the config (backs up the file watcher).
-    #[arg(long, default_value = "30s", value_parser = duration, env = "EE_AUTH_RELOAD_INTERVAL")]
+    #[arg(long, default_value = "30s", value_parser = duration_in(millis(100), secs(86_400)), env = "EE_AUTH_RELOAD_INTERVAL")]
     pub reload_interval: Duration,
     /// Concurrent token fetches during start-up pre-warm (0 disables it).
-    #[arg(long, default_value_t = 8, env = "EE_AUTH_PREWARM_CONCURRENCY")]
+    #[arg(long, default_value = "8", value_parser = count_in(0, 1024), env = "EE_AUTH_PREWARM_CONCURRENCY")]
     pub prewarm_concurrency: usize,
     /// /readyz waits at most this long for pre-warm.
-    #[arg(long, default_value = "20s", value_parser = duration, env = "EE_AUTH_PREWARM_TIMEOUT")]
+    #[arg(long, default_value = "20s", value_parser = duration_in(secs(0), secs(3600)), env = "EE_AUTH_PREWARM_TIMEOUT")]
     pub prewarm_timeout: Duration,
     /// Concurrent calls to one identity provider at most.
-    #[arg(long, default_value_t = 16, env = "EE_AUTH_PROVIDER_CONCURRENCY")]
+    #[arg(long, default_value = "16", value_parser = count_in(1, 1024), env = "EE_AUTH_PROVIDER_CONCURRENCY")]
     pub provider_concurrency: usize,
     /// Time given to in-flight requests on SIGTERM.
-    #[arg(long, default_value = "5s", value_parser = duration, env = "EE_AUTH_SHUTDOWN_GRACE")]
+    #[arg(long, default_value = "5s", value_parser = duration_in(secs(0), secs(600)), env = "EE_AUTH_SHUTDOWN_GRACE")]
     pub shutdown_grace: Duration,
     /// Open connections at most.
-    #[arg(long, default_value_t = 4096, env = "EE_AUTH_MAX_CONNECTIONS")]
+    #[arg(long, default_value = "4096", value_parser = count_in(1, 1_000_000), env = "EE_AUTH_MAX_CONNECTIONS")]
     pub max_connections: usize,
     /// Threads serving requests (1: a single-threaded runtime, the fastest here).
-    #[arg(long, default_value_t = 1, env = "EE_AUTH_WORKER_THREADS")]
+    #[arg(long, default_value = "1", value_parser = count_in(1, 64), env = "EE_AUTH_WORKER_THREADS")]
     pub worker_threads: usize,
     /// Request headers must arrive within this time; also closes idle keep-alive connections.
-    #[arg(long, default_value = "30s", value_parser = duration, env = "EE_AUTH_HEADER_READ_TIMEOUT")]
+    #[arg(long, default_value = "30s", value_parser = duration_in(millis(100), secs(600)), env = "EE_AUTH_HEADER_READ_TIMEOUT")]
     pub header_read_timeout: Duration,
 }
 
@@ -195,13 +237,7 @@ impl ServeArgs {
         o.path = self.path;
         o.allow_remote = self.allow_remote;
         o.tls = self.tls_cert.zip(self.tls_key);
-        // A lifetime under a second would make the refresh schedule a tight loop.
-        if self.default_lifetime < Duration::from_secs(1) {
-            return Err(format!(
-                "--default-lifetime must be at least 1s, got {}",
-                humantime::format_duration(self.default_lifetime)
-            ));
-        }
+        // Ranges are checked by the flags' parsers (`duration_in`, `count_in`).
         o.policy = Policy {
             min_ttl: self.min_ttl,
             margin_floor: self.refresh_margin,

@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::files;
 use crate::protocol::{self, BasicCredentials, Proto};
 use crate::provider::{Grant, Provider};
 use crate::secret::Secret;
@@ -162,21 +163,20 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     out
 }
 
-/// The largest secret file read (a service-account key is ~2.5 KB). A secret pointed at
-/// a device or a huge file by mistake must not hang or exhaust the loader.
-const MAX_SECRET_FILE_BYTES: u64 = 1024 * 1024;
+const SECRET_FILE: &str = "a secret file";
+const CONFIG_FILE: &str = "a config file";
 
-fn read_secret_file(path: &Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(MAX_SECRET_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_SECRET_FILE_BYTES {
-        return Err(std::io::Error::other("larger than 1 MiB"));
-    }
+/// A secret file's text: a regular file of at most 1 MiB (a secret pointed at a FIFO, a
+/// device or a huge file by mistake must not hang or exhaust the loader).
+fn read_secret_file(path: &Path) -> Result<String, files::ReadError> {
+    let bytes = files::read_limited(path, files::MAX_SECRET_FILE_BYTES, SECRET_FILE)?;
     String::from_utf8(bytes)
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"))
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8").into())
+}
+
+/// The config file's bytes (a regular file of at most [`files::MAX_CONFIG_BYTES`]).
+fn read_config_file(path: &Path) -> Result<Vec<u8>, files::ReadError> {
+    files::read_limited(path, files::MAX_CONFIG_BYTES, CONFIG_FILE)
 }
 
 /// Deserializes `value` into `T`, reporting the failing field as a path under `path`.
@@ -398,14 +398,20 @@ impl Config {
     /// config was built from. Reading and hashing is much cheaper than parsing, which
     /// matters for the periodic re-read of a map of 100k accounts.
     pub fn files_unchanged(&self, config_path: &Path) -> bool {
-        let same = |path: &Path, digest: &[u8; 32]| {
-            std::fs::read(path).is_ok_and(|bytes| sha256(&bytes) == *digest)
+        // Bounded reads, as when loading: a file swapped for a FIFO or `/dev/zero` reads as
+        // changed, and the load that follows reports it.
+        let same = |path: &Path, limit: u64, what: &'static str, digest: &[u8; 32]| {
+            files::sha256_limited(path, limit, what).is_ok_and(|d| d == *digest)
         };
-        same(config_path, &self.text_digest)
-            && self
-                .secret_file_digests
-                .iter()
-                .all(|(path, digest)| same(path, digest))
+        same(
+            config_path,
+            files::MAX_CONFIG_BYTES,
+            CONFIG_FILE,
+            &self.text_digest,
+        ) && self
+            .secret_file_digests
+            .iter()
+            .all(|(path, digest)| same(path, files::MAX_SECRET_FILE_BYTES, SECRET_FILE, digest))
     }
 
     /// An account by id.
@@ -494,9 +500,12 @@ struct RawOverride {
 
 /// Reads, parses and validates a config file and every secret it references.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let text = std::fs::read(path).map_err(|e| ConfigErrors {
+    let text = read_config_file(path).map_err(|e| ConfigErrors {
         file: path.to_owned(),
-        errors: vec![ConfigError::new("(file)", format!("cannot read: {e}"))],
+        errors: vec![ConfigError::new(
+            "(file)",
+            format!("cannot read config file {}: {e}", path.display()),
+        )],
     })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     parse(&text, &base).map_err(|errors| ConfigErrors {
@@ -509,7 +518,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// [`load`] resolves them), even when the config is invalid: the reloader watches their
 /// directories, so creating the missing secret file of a broken config reloads at once.
 pub fn referenced_files(path: &Path) -> Vec<PathBuf> {
-    let Some(value) = std::fs::read(path)
+    let Some(value) = read_config_file(path)
         .ok()
         .and_then(|text| serde_json::from_slice::<Value>(&text).ok())
     else {

@@ -15,6 +15,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod files;
 pub mod metrics;
 pub mod protocol;
 pub mod provider;

@@ -95,10 +95,17 @@ async fn serve(args: cli::ServeArgs) -> i32 {
     0
 }
 
-/// SIGTERM and SIGINT, registered up front so that none is missed.
+/// The signals the sidecar handles, registered up front so that none is missed and none
+/// kills the process before it is ready: SIGTERM and SIGINT shut down gracefully;
+/// SIGHUP re-reads the config (the reloader acts on it, see `reload::watch`; held here
+/// so that one arriving during start-up is harmless); SIGUSR1 and SIGUSR2 are logged and
+/// ignored (their default action would end the process without a graceful shutdown).
 struct Signals {
     term: Option<tokio::signal::unix::Signal>,
     int: Option<tokio::signal::unix::Signal>,
+    _hup: Option<tokio::signal::unix::Signal>,
+    usr1: Option<tokio::signal::unix::Signal>,
+    usr2: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
@@ -114,25 +121,35 @@ impl Signals {
         Signals {
             term: register(SignalKind::terminate(), "SIGTERM"),
             int: register(SignalKind::interrupt(), "SIGINT"),
+            _hup: register(SignalKind::hangup(), "SIGHUP"),
+            usr1: register(SignalKind::user_defined1(), "SIGUSR1"),
+            usr2: register(SignalKind::user_defined2(), "SIGUSR2"),
         }
     }
 
-    async fn wait(self) {
-        async fn recv(s: Option<tokio::signal::unix::Signal>) {
-            match s {
-                Some(mut s) => {
-                    s.recv().await;
+    /// Returns on SIGTERM or SIGINT.
+    async fn wait(mut self) {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            if let Some(signal) = s {
+                if signal.recv().await.is_some() {
+                    return;
                 }
-                None => std::future::pending().await,
+                // The stream ended (the runtime is going away): no signal, nor any more.
+                *s = None;
             }
+            std::future::pending().await
         }
         if self.term.is_none() && self.int.is_none() {
             let _ = tokio::signal::ctrl_c().await;
             return;
         }
-        tokio::select! {
-            _ = recv(self.term) => {}
-            _ = recv(self.int) => {}
+        loop {
+            tokio::select! {
+                _ = recv(&mut self.term) => return,
+                _ = recv(&mut self.int) => return,
+                _ = recv(&mut self.usr1) => tracing::info!("SIGUSR1 received; ignored"),
+                _ = recv(&mut self.usr2) => tracing::info!("SIGUSR2 received; ignored"),
+            }
         }
     }
 }

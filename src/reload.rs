@@ -4,16 +4,20 @@
 //! and swapping the `..data` symlink; no event ever names the file we read, and a watch
 //! on the file itself goes deaf after the first swap. So we watch the *directories*
 //! (both where a path is and where its symlinks lead), ignore which entry an event names,
-//! debounce a burst into one reload, and let the content digest decide whether anything
-//! changed. A periodic re-read backs the watcher up (inotify can overflow, and some
-//! network filesystems send no events).
+//! debounce a burst into one reload (bounded: a busy directory cannot postpone it for
+//! good), and let the content digest decide whether anything changed. A periodic re-read
+//! backs the watcher up (inotify can overflow, and some network filesystems send no
+//! events), and SIGHUP asks for a re-read at once (the daemon convention).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch as watch_channel};
+use tokio::time::Instant;
 
 use crate::sidecar::Sidecar;
 
@@ -75,9 +79,74 @@ fn make_watcher(dirs: &BTreeSet<PathBuf>, tx: mpsc::Sender<()>) -> Option<Recomm
     Some(watcher)
 }
 
-/// Starts watching now and returns the loop to spawn: it reloads on change and every
-/// `reload_interval` until shutdown. The watcher is created before this returns, so a
-/// change made after it cannot be missed.
+/// However busy a watched directory is, a change waits at most this long after the
+/// event that started its debounce: a directory where some file is written every 100 ms
+/// never has 200 ms of quiet, and must not hold back config changes for good.
+pub const MAX_DEBOUNCE: Duration = Duration::from_secs(1);
+
+/// The longest periodic re-read interval (the CLI refuses longer ones; this keeps the
+/// timer's arithmetic in range for any [`crate::Options`]).
+pub const MAX_RELOAD_INTERVAL: Duration = Duration::from_secs(86_400);
+
+/// Why a reload runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// File events (debounced), the periodic re-read, or a re-check after the watched
+    /// directories changed.
+    Routine,
+    /// SIGHUP: the operator asked, so the outcome is logged even when nothing changed.
+    Hangup,
+}
+
+/// `at + d`, or `at` plus a day where that would overflow the clock.
+fn later(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .or_else(|| at.checked_add(MAX_RELOAD_INTERVAL))
+        .unwrap_or(at)
+}
+
+/// Waits for `quiet` without an event, but no longer than [`MAX_DEBOUNCE`] (or `quiet`,
+/// if longer) after the first one. False if shutdown began meanwhile.
+async fn debounce(
+    rx: &mut mpsc::Receiver<()>,
+    quiet: Duration,
+    shutdown: &mut watch_channel::Receiver<bool>,
+) -> bool {
+    let cap = later(Instant::now(), MAX_DEBOUNCE.max(quiet));
+    loop {
+        let until = later(Instant::now(), quiet).min(cap);
+        tokio::select! {
+            event = tokio::time::timeout_at(until, rx.recv()) => match event {
+                Ok(Some(())) if Instant::now() < cap => {}
+                _ => return true,
+            },
+            _ = shutdown.changed() => return false,
+        }
+    }
+}
+
+/// SIGHUP, registered when the watcher starts (the binary registers it earlier too, so
+/// that one arriving during start-up does not kill the process).
+fn hangup_signal() -> Option<Signal> {
+    match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGHUP; it will not reload the config");
+            None
+        }
+    }
+}
+
+async fn next_hangup(s: &mut Option<Signal>) -> Option<()> {
+    match s {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Starts watching now and returns the loop to spawn: it reloads on change, on SIGHUP and
+/// every `reload_interval` until shutdown. The watcher is created before this returns, so
+/// a change made after it cannot be missed.
 pub fn watch(
     sidecar: Arc<Sidecar>,
     mut shutdown: watch_channel::Receiver<bool>,
@@ -86,27 +155,50 @@ pub fn watch(
     let (tx, mut rx) = mpsc::channel::<()>(16);
     let mut dirs = watched_dirs(&options.config_path, &sidecar.config().secret_files);
     let watcher = make_watcher(&dirs, tx.clone());
+    let mut hangup = hangup_signal();
     async move {
         // Held for the life of the loop: dropping it ends the inotify watches.
         let mut _watcher = watcher;
         let period = options
             .reload_interval
-            .max(std::time::Duration::from_millis(100));
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            .clamp(Duration::from_millis(100), MAX_RELOAD_INTERVAL);
+        let mut tick = tokio::time::interval_at(later(Instant::now(), period), period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut recheck = false;
         loop {
-            if !recheck {
+            let trigger = if recheck {
+                Trigger::Routine
+            } else {
                 tokio::select! {
                     Some(()) = rx.recv() => {
-                        // Debounce: wait for a quiet period so a burst becomes one reload.
-                        while let Ok(Some(())) = tokio::time::timeout(options.reload_debounce, rx.recv()).await {}
+                        // Debounce: a burst becomes one reload, within a bounded time.
+                        if !debounce(&mut rx, options.reload_debounce, &mut shutdown).await {
+                            return;
+                        }
+                        Trigger::Routine
                     }
-                    _ = tick.tick() => {}
+                    _ = tick.tick() => Trigger::Routine,
+                    Some(()) = next_hangup(&mut hangup) => {
+                        tracing::info!(file = %options.config_path.display(), "SIGHUP received; re-reading the config");
+                        Trigger::Hangup
+                    }
                     _ = shutdown.changed() => return,
                 }
+            };
+            let result = sidecar.reload().await;
+            if trigger == Trigger::Hangup {
+                // A change is logged by the reload itself ("config reloaded"), and a new
+                // error too; say what became of the operator's request in the other cases.
+                match &result {
+                    Ok(true) => {}
+                    Ok(false) => tracing::info!("SIGHUP: config unchanged; nothing to apply"),
+                    Err(e) => tracing::warn!(
+                        errors = e.errors.len(),
+                        "SIGHUP: the config file is invalid; keeping the previous config (see config.lastError in /v1/accounts)"
+                    ),
+                }
             }
-            let failed = sidecar.reload().await.is_err();
+            let failed = result.is_err();
             // The periodic re-read is a backstop for quiet periods, not a second reload
             // right after this one.
             tick.reset();

@@ -39,14 +39,20 @@ const MAX_DRAIN: Duration = Duration::from_millis(500);
 pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("cannot read certificate file {}: {e}", cert.display()))?
+    // Bounded, non-blocking reads of regular files only (see `files`).
+    let read = |path: &Path, what: &str| {
+        crate::files::read_limited(path, crate::files::MAX_SECRET_FILE_BYTES, "a TLS file")
+            .map_err(|e| format!("cannot read {what} file {}: {e}", path.display()))
+    };
+    let cert_pem = read(cert, "certificate")?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| format!("bad certificate in {}: {e}", cert.display()))?;
     if certs.is_empty() {
         return Err(format!("no certificate in {}", cert.display()));
     }
-    let key = PrivateKeyDer::from_pem_file(key)
+    let key_pem = read(key, "key")?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| format!("no usable private key in {}: {e}", key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)

@@ -212,7 +212,13 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn read_record(path: &Path) -> Result<(String, Record), String> {
-    let text = fs::read(path).map_err(|e| e.to_string())?;
+    // A record is a few KB; a FIFO or a device planted here must not block start-up.
+    let text = crate::files::read_limited(
+        path,
+        crate::files::MAX_STATE_RECORD_BYTES,
+        "a refresh-token record",
+    )
+    .map_err(|e| e.to_string())?;
     let rec: FileRecord =
         serde_json::from_slice(&text).map_err(|_| "not a refresh-token record".to_owned())?;
     if rec.version != 1 {

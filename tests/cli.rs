@@ -145,13 +145,6 @@ fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).into_owned()
 }
 
-/// Replaces a file the way an editor or the kubelet would: a whole new file at once.
-fn write_atomic(path: &Path, content: &[u8]) {
-    let tmp = path.with_extension("tmp-write");
-    std::fs::write(&tmp, content).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 async fn wait_ready(c: &reqwest::Client, addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -1398,4 +1391,290 @@ async fn token_endpoint_trouble_is_logged_with_its_host_once_and_without_the_tok
         .filter(|l| l.contains("expires_in over the maximum"))
         .count();
     assert_eq!(clamped, 1, "{log}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Files and signals the operator points at the process
+
+#[tokio::test]
+async fn a_fifo_secret_at_start_is_a_clear_error_and_check_returns_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pass.fifo");
+    mkfifo(&fifo);
+    let cfg = write_config(
+        dir.path(),
+        &json!({ "accounts": { "m": { "user": "u", "pass": { "file": "pass.fifo" } } } }),
+    );
+    let c = cfg.to_str().unwrap();
+    for (sub, cmd) in [
+        ("serve", args(&["--config", c, "--listen", "127.0.0.1:0"])),
+        ("check", args(&["check", "--config", c])),
+    ] {
+        let run_dir = dir.path().join(sub);
+        std::fs::create_dir(&run_dir).unwrap();
+        let mut p = Proc::spawn(&run_dir, &cmd, &[]);
+        let status = p.wait(Duration::from_secs(10)).await;
+        let err = p.stderr();
+        assert_eq!(status.code(), Some(1), "{sub}: {status}\n{err}");
+        assert!(
+            err.contains("accounts.m.pass")
+                && err.contains(fifo.to_str().unwrap())
+                && err.contains("is a FIFO (named pipe), not a regular file"),
+            "{sub}: the error names the field, the file and what it is:\n{err}"
+        );
+        assert!(!p.stderr().contains("listening"), "{sub}");
+    }
+    // TLS material is read the same way: a FIFO for the certificate stops start-up at once.
+    let good = write_config(
+        &dir.path().join("serve"),
+        &json!({ "accounts": { "m": { "user": "u", "pass": "p" } } }),
+    );
+    let tls_dir = dir.path().join("tls");
+    std::fs::create_dir(&tls_dir).unwrap();
+    let f = fifo.to_str().unwrap();
+    let mut p = Proc::spawn(
+        &tls_dir,
+        &args(&[
+            "--config",
+            good.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .into_iter()
+        .chain(args(&["--tls-cert", f, "--tls-key", f]))
+        .collect::<Vec<_>>(),
+        &[],
+    );
+    let status = p.wait(Duration::from_secs(10)).await;
+    let err = p.stderr();
+    assert_eq!(status.code(), Some(1), "tls: {status}\n{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot read certificate file {f}: is a FIFO (named pipe)"
+        )),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_in_the_state_directory_is_skipped_with_a_warning() {
+    let idp = MockIdp::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(state.join("refresh-tokens")).unwrap();
+    let fifo = state.join("refresh-tokens").join("0123.json");
+    mkfifo(&fifo);
+    let cfg = write_config(
+        dir.path(),
+        &json!({ "providers": { "idp": oauth2_provider(&idp) }, "accounts": {
+            "a": { "user": "a@example.com", "provider": "idp", "refreshToken": "rt-a" },
+            "m": { "user": "u", "pass": "p" } } }),
+    );
+    let (c, s) = (cfg.to_str().unwrap(), state.to_str().unwrap());
+
+    let token_dir = dir.path().join("token");
+    std::fs::create_dir(&token_dir).unwrap();
+    let mut token = Proc::spawn(
+        &token_dir,
+        &args(&["token", "--config", c, "--state-dir", s, "a"]),
+        &[],
+    );
+    let status = token.wait(Duration::from_secs(20)).await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "token: {status}\n{}",
+        token.stderr()
+    );
+    assert!(
+        token.stdout().contains("a@example.com"),
+        "{}",
+        token.stdout()
+    );
+
+    let serve_dir = dir.path().join("serve");
+    std::fs::create_dir(&serve_dir).unwrap();
+    let mut sc = Proc::spawn(
+        &serve_dir,
+        &args(&["--config", c, "--listen", "127.0.0.1:0", "--state-dir", s]),
+        &[],
+    );
+    let addr = sc.addr().await;
+    let client = client();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(10),
+        ask(&client, addr, "account=a", None),
+    )
+    .await
+    .expect("the sidecar answers");
+    assert_eq!(answered.status, 200);
+    let log = sc.stderr();
+    assert!(
+        log.contains(fifo.to_str().unwrap()) && log.contains("is a FIFO (named pipe)"),
+        "the skipped record is named:\n{log}"
+    );
+    sc.signal("TERM");
+    assert_eq!(sc.wait(Duration::from_secs(10)).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn sighup_applies_a_config_change_now_and_sigusr1_sigusr2_are_ignored() {
+    let root = tempfile::tempdir().unwrap();
+    let (watched, elsewhere) = (root.path().join("watched"), root.path().join("elsewhere"));
+    std::fs::create_dir_all(&watched).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let cfg = |pass: &str| {
+        serde_json::to_vec(&json!({ "accounts": { "m": { "user": "u", "pass": pass } } })).unwrap()
+    };
+    let path = watched.join("accounts.json");
+    std::fs::write(&path, cfg("before")).unwrap();
+    // Written through a hard link in a directory nobody watches: the watcher cannot see
+    // the change (and the periodic re-read is an hour away), only SIGHUP can apply it.
+    let other_name = elsewhere.join("same-inode.json");
+    std::fs::hard_link(&path, &other_name).unwrap();
+    let mut sc = Proc::spawn(
+        root.path(),
+        &args(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--reload-interval",
+            "1h",
+        ]),
+        &[],
+    );
+    let addr = sc.addr().await;
+    let c = client();
+    let pass = |a: Answer| a.body["pass"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(pass(ask(&c, addr, "account=m", None).await), "before");
+
+    for sig in ["USR1", "USR2"] {
+        sc.signal(sig);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            sc.child.try_wait().unwrap().is_none(),
+            "SIG{sig} killed the process:\n{}",
+            sc.stderr()
+        );
+        assert!(
+            sc.stderr().contains(&format!("SIG{sig} received; ignored")),
+            "SIG{sig} is logged:\n{}",
+            sc.stderr()
+        );
+    }
+    std::fs::write(&other_name, cfg("after")).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        pass(ask(&c, addr, "account=m", None).await),
+        "before",
+        "the change was applied without SIGHUP, so this test proves nothing"
+    );
+    let t = Instant::now();
+    sc.signal("HUP");
+    while pass(ask(&c, addr, "account=m", None).await) != "after" {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "SIGHUP did not apply the change:\n{}",
+            sc.stderr()
+        );
+        assert!(
+            sc.child.try_wait().unwrap().is_none(),
+            "SIGHUP killed the process"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = sc.stderr();
+    assert!(
+        log.contains("SIGHUP received; re-reading the config") && log.contains("config reloaded"),
+        "{log}"
+    );
+    // An unchanged file: the outcome is logged too.
+    sc.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sc.stderr().contains("config unchanged") {
+        assert!(Instant::now() < deadline, "{}", sc.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sc.signal("TERM");
+    assert_eq!(sc.wait(Duration::from_secs(10)).await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_out_of_range_duration_or_count_flag_is_refused_at_start_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &json!({ "accounts": { "m": { "user": "u", "pass": "p" } } }),
+    );
+    let c = cfg.to_str().unwrap();
+    // (flag, bad value, the range the message must state)
+    let cases: &[(&str, &str, &str)] = &[
+        ("--min-ttl", "2h", "0s to 1h"),
+        ("--refresh-margin", "13h", "0s to 12h"),
+        ("--default-lifetime", "500ms", "1s to 1day"),
+        ("--default-lifetime", "25h", "1s to 1day"),
+        ("--backoff-max", "0s", "1s to 1h"),
+        ("--permanent-retry", "500000000000y", "1s to 7days"),
+        ("--request-wait", "10ms", "100ms to 5m"),
+        ("--upstream-timeout", "1h", "100ms to 5m"),
+        (
+            "--reload-interval",
+            "18446744073709551615s",
+            "100ms to 1day",
+        ),
+        ("--reload-interval", "10ms", "100ms to 1day"),
+        ("--prewarm-timeout", "2h", "0s to 1h"),
+        ("--shutdown-grace", "500000000000y", "0s to 10m"),
+        ("--header-read-timeout", "0s", "100ms to 10m"),
+        ("--prewarm-concurrency", "100000", "0 to 1024"),
+        ("--provider-concurrency", "9223372036854775808", "1 to 1024"),
+        ("--provider-concurrency", "0", "1 to 1024"),
+        ("--max-connections", "9223372036854775808", "1 to 1000000"),
+        ("--max-connections", "0", "1 to 1000000"),
+        ("--worker-threads", "0", "1 to 64"),
+        ("--worker-threads", "100000", "1 to 64"),
+    ];
+    let mut procs = Vec::new();
+    for (i, (flag, value, _)) in cases.iter().enumerate() {
+        let run_dir = dir.path().join(format!("case-{i}"));
+        std::fs::create_dir(&run_dir).unwrap();
+        procs.push(Proc::spawn(
+            &run_dir,
+            &args(&["--config", c, "--listen", "127.0.0.1:0", flag, value]),
+            &[],
+        ));
+    }
+    // The same through the environment.
+    let env_dir = dir.path().join("env");
+    std::fs::create_dir(&env_dir).unwrap();
+    let mut env = Proc::spawn(
+        &env_dir,
+        &args(&["--config", c, "--listen", "127.0.0.1:0"]),
+        &[("EE_AUTH_PERMANENT_RETRY", "500000000000y".to_owned())],
+    );
+    for ((flag, value, range), p) in cases.iter().zip(procs.iter_mut()) {
+        let status = p.wait(Duration::from_secs(10)).await;
+        let err = p.stderr();
+        assert_eq!(status.code(), Some(2), "{flag} {value}: {status}\n{err}");
+        assert!(
+            err.contains(flag) && err.contains(range),
+            "{flag} {value}: the message names the flag and the range `{range}`:\n{err}"
+        );
+    }
+    let status = env.wait(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(2), "{}", env.stderr());
+    assert!(env.stderr().contains("1s to 7days"), "{}", env.stderr());
+
+    let probe = run(
+        &args(&["probe", "http://127.0.0.1:1/", "--timeout", "2h"]),
+        &[],
+    )
+    .await;
+    assert_eq!(probe.status.code(), Some(2), "{}", text(&probe.stderr));
+    assert!(
+        text(&probe.stderr).contains("100ms to 1m"),
+        "{}",
+        text(&probe.stderr)
+    );
 }

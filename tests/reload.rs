@@ -1301,3 +1301,218 @@ async fn the_binary_logs_one_clear_error_for_a_bad_config_and_no_secret() {
     );
     drop(child);
 }
+
+// ---------------------------------------------------------------------------------------
+// Hostile files and busy directories
+
+/// Whether account `pw` answers with `pass` within 5 s.
+async fn pw_pass_becomes(c: &reqwest::Client, sc: &Running, pass: impl Into<String>) -> bool {
+    let within = Duration::from_secs(5);
+    until_answer(c, sc, "account=pw", within, pass_is(pass))
+        .await
+        .is_some()
+}
+
+/// Peak resident memory of this test process so far (KiB).
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/self/status")
+}
+
+/// What a file the operator points at is replaced with (in one rename, as a deploy would).
+#[derive(Clone, Copy, Debug)]
+enum Hostile {
+    /// A symlink to `/dev/zero`: endless.
+    DevZero,
+    /// A FIFO nobody writes to: `open` blocks for good.
+    Fifo,
+    /// A 300 MB file (sparse: no disk used).
+    Huge,
+}
+
+fn replace_with(path: &Path, what: Hostile) {
+    let tmp = path.with_extension("hostile-tmp");
+    match what {
+        Hostile::DevZero => std::os::unix::fs::symlink("/dev/zero", &tmp).unwrap(),
+        Hostile::Fifo => mkfifo(&tmp),
+        Hostile::Huge => std::fs::File::create(&tmp)
+            .unwrap()
+            .set_len(300 * 1024 * 1024)
+            .unwrap(),
+    }
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A sidecar serving password account `pw` from secret file `<root>/secrets/pw`, its
+/// config in `<root>/config/accounts.json`.
+async fn secret_file_sidecar(root: &Path) -> (Running, PathBuf, PathBuf) {
+    let (config_dir, secrets) = (root.join("config"), root.join("secrets"));
+    std::fs::create_dir_all(&config_dir).unwrap();
+    std::fs::create_dir_all(&secrets).unwrap();
+    let secret = secrets.join("pw");
+    std::fs::write(&secret, "pass-1\n").unwrap();
+    let path = write_config(
+        &config_dir,
+        &json!({ "accounts": { "pw": { "user": "u", "pass": { "file": secret } } } }),
+    );
+    let sc = start(test_options(&path)).await.unwrap();
+    (sc, path, secret)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_or_huge_files_fail_the_reload_clearly_with_bounded_memory() {
+    let root = tempfile::tempdir().unwrap();
+    let (sc, config_path, secret) = secret_file_sidecar(root.path()).await;
+    let c = client();
+    let cases = [
+        (
+            &secret,
+            Hostile::DevZero,
+            "is a character device, not a regular file",
+        ),
+        (
+            &secret,
+            Hostile::Huge,
+            "is larger than 1 MiB, the limit for a secret file",
+        ),
+        (
+            &config_path,
+            Hostile::Huge,
+            "is larger than 256 MiB, the limit for a config file",
+        ),
+    ];
+    for (n, (path, what, needle)) in cases.into_iter().enumerate() {
+        let good = std::fs::read(path).unwrap();
+        let peak_before = peak_rss_kib();
+        replace_with(path, what);
+        let errors = reported_error(&c, &sc, needle)
+            .await
+            .unwrap_or_else(|| panic!("{what:?} {}: no `{needle}` in lastError", path.display()));
+        let joined = errors.join("\n");
+        assert!(
+            joined.contains(path.to_str().unwrap()),
+            "names the file: {joined}"
+        );
+        // Let a read that is not bounded show itself.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let grown_mib = peak_rss_kib().saturating_sub(peak_before) / 1024;
+        assert!(
+            grown_mib < 100,
+            "{what:?}: peak RSS grew by {grown_mib} MiB"
+        );
+        assert_eq!(
+            ask(&c, sc.local_addr, "account=pw", None).await.body["pass"],
+            format!("pass-{}", n + 1),
+            "the old map serves on"
+        );
+        // A valid change afterwards is applied.
+        if path == &secret {
+            write_atomic(&secret, format!("pass-{}\n", n + 2).as_bytes());
+        } else {
+            let mut v: Value = serde_json::from_slice(&good).unwrap();
+            v["accounts"]["pw"]["pass"] = json!(format!("pass-{}", n + 2));
+            write_atomic(path, &serde_json::to_vec(&v).unwrap());
+            // The secret file still says pass-n+1; the config now names it literally.
+        }
+        assert!(
+            pw_pass_becomes(&c, &sc, format!("pass-{}", n + 2)).await,
+            "{what:?}: a valid change after the failure is applied"
+        );
+    }
+    sc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_secret_fails_the_reload_clearly_and_later_changes_still_apply() {
+    let root = tempfile::tempdir().unwrap();
+    let (sc, _config_path, secret) = secret_file_sidecar(root.path()).await;
+    let c = client();
+    replace_with(&secret, Hostile::Fifo);
+    let errors = reported_error(&c, &sc, "is a FIFO (named pipe), not a regular file")
+        .await
+        .expect("the FIFO is reported in lastError");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("accounts.pw.pass") && e.contains(secret.to_str().unwrap())),
+        "{errors:?}"
+    );
+    assert_eq!(
+        ask(&c, sc.local_addr, "account=pw", None).await.body["pass"],
+        "pass-1"
+    );
+    write_atomic(&secret, b"pass-2\n");
+    assert!(
+        pw_pass_becomes(&c, &sc, "pass-2").await,
+        "the reloader is not stuck on the FIFO"
+    );
+    // And shutdown is prompt (nothing is left blocked on the FIFO).
+    let t = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), sc.shutdown())
+        .await
+        .expect("shutdown finishes");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_written_every_100_ms_does_not_hold_back_a_config_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |pass: &str| json!({ "accounts": { "pw": { "user": "u", "pass": pass } } });
+    let path = write_config(dir.path(), &cfg("before"));
+    let sc = start(test_options(&path)).await.unwrap();
+    let c = client();
+    // An unrelated file in the watched directory, written every 100 ms for the whole test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, noise) = (stop.clone(), dir.path().join("noise.log"));
+        std::thread::spawn(move || {
+            let mut f = std::fs::File::create(&noise).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                writeln!(f, "tick").unwrap();
+                f.flush().unwrap();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    for (i, pass) in ["after-1", "after-2"].into_iter().enumerate() {
+        write_atomic(&path, &serde_json::to_vec(&cfg(pass)).unwrap());
+        let took = until_answer(&c, &sc, "account=pw", Duration::from_secs(6), pass_is(pass)).await;
+        let took = took.unwrap_or_else(|| {
+            panic!("change {i} not applied within 6 s while the directory was busy")
+        });
+        assert!(
+            took < Duration::from_millis(3500),
+            "change {i} took {took:?}"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reload_interval_beyond_the_clock_s_range_does_not_stop_the_reloader() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |pass: &str| json!({ "accounts": { "pw": { "user": "u", "pass": pass } } });
+    let path = write_config(dir.path(), &cfg("before"));
+    let mut o = test_options(&path);
+    // `now + interval` overflows: the reloader must clamp it, not die silently.
+    o.reload_interval = Duration::MAX;
+    let sc = start(o).await.unwrap();
+    let c = client();
+    write_atomic(&path, &serde_json::to_vec(&cfg("after")).unwrap());
+    assert!(
+        pw_pass_becomes(&c, &sc, "after").await,
+        "the reloader is alive"
+    );
+    sc.shutdown().await;
+}

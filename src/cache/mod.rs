@@ -85,6 +85,15 @@ pub enum CacheError {
     },
 }
 
+/// `at + d`, checked: where the sum would overflow the clock (a delay of centuries), an
+/// instant 30 years on, which is never reached either.
+fn later(at: Instant, d: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(30 * 365 * 86_400);
+    at.checked_add(d)
+        .or_else(|| at.checked_add(FAR))
+        .unwrap_or(at)
+}
+
 type FetchResult = Result<CachedToken, Arc<ProviderError>>;
 /// A fetch under way, awaitable by any number of callers.
 pub type Flight = Shared<BoxFuture<'static, FetchResult>>;
@@ -647,11 +656,37 @@ impl TokenCache {
         rec: &mut KeyRecord,
         slot: Option<OwnedSemaphorePermit>,
     ) -> Flight {
+        let fetch = self.clone().run_fetch(rec.set.clone(), rec.generation);
+        self.spawn_flight(rec, slot, fetch)
+    }
+
+    /// Runs `fetch` in a task of its own as the record's flight. A fetch that panics ends
+    /// like one that failed: its flight gets an error and the key backs off and retries.
+    /// Caught in the task itself, because a background refresh's flight may have nobody
+    /// awaiting it; left in place, it would keep the key "refreshing" for good, every
+    /// request joining a flight that has already failed.
+    fn spawn_flight(
+        self: &Arc<Self>,
+        rec: &mut KeyRecord,
+        slot: Option<OwnedSemaphorePermit>,
+        fetch: impl std::future::Future<Output = FetchResult> + Send + 'static,
+    ) -> Flight {
         let this = self.clone();
         let set = rec.set.clone();
         let generation = rec.generation;
         let handle = tokio::spawn(async move {
-            let result = this.run_fetch(set, generation).await;
+            let result = match std::panic::AssertUnwindSafe(fetch).catch_unwind().await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::error!(account = %set.key.account, provider = %set.provider_name,
+                        "token fetch panicked; it counts as a transient failure and is retried");
+                    let e = ProviderError {
+                        hint: Some("an internal error; please report it"),
+                        ..ProviderError::transient("fetch_task_failed")
+                    };
+                    Err(this.fetch_failed(&set, generation, e))
+                }
+            };
             drop(slot);
             result
         });
@@ -718,7 +753,7 @@ impl TokenCache {
         let token = |body| CachedToken {
             body,
             fingerprint: set.fingerprint,
-            expires_at: sent.instant + lifetime,
+            expires_at: later(sent.instant, lifetime),
             min_life: plan.min_life,
         };
         self.metrics.refresh(&set.provider_name, RefreshOutcome::Ok);
@@ -738,8 +773,9 @@ impl TokenCache {
                     rec.inflight = None;
                     rec.failure = None;
                     rec.last_ok = Some(SystemTime::now());
-                    rec.expires = Some((tok.expires_at, sent.wall + lifetime));
-                    self.schedule(rec, sent.instant + plan.refresh_after);
+                    let wall = sent.wall.checked_add(lifetime).unwrap_or(sent.wall);
+                    rec.expires = Some((tok.expires_at, wall));
+                    self.schedule(rec, later(sent.instant, plan.refresh_after));
                     let unpublished =
                         (!std::mem::replace(&mut rec.published, true)).then(|| rec.cell.clone());
                     (tok, unpublished)
@@ -793,7 +829,7 @@ impl TokenCache {
                     schedule::backoff(consecutive, e.retry_after, &self.policy, fastrand::f64())
                 }
             };
-            let retry_at = Instant::now() + delay;
+            let retry_at = later(Instant::now(), delay);
             tracing::warn!(
                 account = %set.key.account,
                 provider = %set.provider_name,
@@ -803,7 +839,7 @@ impl TokenCache {
                 hint = e.hint.unwrap_or(""),
                 redirect_host = e.redirect_host.as_deref(),
                 consecutive,
-                retry_in_ms = delay.as_millis() as u64,
+                retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                 "token refresh failed"
             );
             rec.inflight = None;
@@ -1118,6 +1154,11 @@ mod tests {
     use super::*;
 
     fn sets(n: usize) -> Vec<Arc<CredentialSet>> {
+        sets_at(n, "http://127.0.0.1:1/t")
+    }
+
+    /// `n` accounts on one provider whose token endpoint is `token_url`.
+    fn sets_at(n: usize, token_url: &str) -> Vec<Arc<CredentialSet>> {
         let accounts: serde_json::Map<String, serde_json::Value> = (0..n)
             .map(|i| {
                 (
@@ -1127,7 +1168,7 @@ mod tests {
             })
             .collect();
         let text = serde_json::json!({
-            "providers": {"p": {"type": "oauth2", "tokenUrl": "http://127.0.0.1:1/t", "clientId": "c"}},
+            "providers": {"p": {"type": "oauth2", "tokenUrl": token_url, "clientId": "c"}},
             "accounts": accounts,
         })
         .to_string();
@@ -1279,6 +1320,110 @@ mod tests {
         // the removed key is gone, so it must fetch (and the provider is unreachable).
         cache.remove(&set.key).await;
         assert!(cache.get(&set).await.is_err());
+    }
+
+    /// The record's state as the admin API shows it.
+    fn state_of(
+        cache: &Arc<TokenCache>,
+        set: &Arc<CredentialSet>,
+    ) -> (&'static str, Option<ErrorStatus>) {
+        let status = cache.status();
+        let s = status
+            .iter()
+            .find(|s| s.account == *set.key.account)
+            .expect("tracked");
+        (s.state, s.last_error.clone())
+    }
+
+    #[tokio::test]
+    async fn a_fetch_task_that_panics_ends_its_flight_with_an_error_and_the_key_retries() {
+        let cache = offline_cache(Policy {
+            backoff_base: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(10),
+            ..Policy::default()
+        });
+        let set = sets(1).remove(0);
+        let flight = {
+            let mut keys = cache.lock();
+            let rec = cache.record_for(&mut keys, &set);
+            cache.spawn_flight(rec, None, async { panic!("a fetch that panics") })
+        };
+        let e = tokio::time::timeout(Duration::from_secs(5), flight)
+            .await
+            .expect("the flight ends")
+            .expect_err("with an error");
+        assert_eq!(e.code, "fetch_task_failed");
+        // Not stuck "refreshing" behind the dead flight: the failure is recorded and
+        // retried after the back-off, by the refresh queue and by the next request.
+        let (state, error) = state_of(&cache, &set);
+        assert_eq!(state, "failing_transient");
+        assert_eq!(error.map(|e| e.code).as_deref(), Some("fetch_task_failed"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (state, error) = state_of(&cache, &set);
+            let error = error.expect("still failing: the provider is unreachable");
+            if state != "refreshing" && error.code != "fetch_task_failed" {
+                assert!(error.consecutive_failures >= 2, "{error:?}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no retry after the panic: {state} {error:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let e = tokio::time::timeout(Duration::from_secs(10), cache.get(&set))
+            .await
+            .expect("a request is answered")
+            .expect_err("the provider is unreachable");
+        assert!(
+            matches!(e, CacheError::Unavailable { .. }),
+            "an ordinary transient failure: {e}"
+        );
+    }
+
+    /// A token endpoint on loopback that answers every call `400 invalid_grant`.
+    async fn refusing_token_endpoint() -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 8192];
+                    let _ = conn.read(&mut buf).await;
+                    let body = r#"{"error":"invalid_grant"}"#;
+                    let head = format!(
+                        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = conn.write_all((head + body).as_bytes()).await;
+                });
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_permanent_retry_beyond_the_clock_s_range_is_clamped_not_a_panic() {
+        // `now + permanent_retry` overflows the clock (`--permanent-retry 500000000000y`):
+        // that must neither kill the fetch task nor leave the key "refreshing" for good.
+        let cache = offline_cache(Policy {
+            permanent_retry: Duration::from_secs(500_000_000_000 * 31_557_600),
+            request_wait: Duration::from_secs(5),
+            ..Policy::default()
+        });
+        let set = sets_at(1, &refusing_token_endpoint().await).remove(0);
+        let e = tokio::time::timeout(Duration::from_secs(10), cache.get(&set))
+            .await
+            .expect("answered")
+            .expect_err("the grant is refused");
+        assert!(matches!(e, CacheError::Failed { .. }), "{e}");
+        let (state, error) = state_of(&cache, &set);
+        assert_eq!(state, "failed_permanent");
+        let error = error.expect("the failure is recorded");
+        assert_eq!(error.code, "invalid_grant");
+        assert!(error.retry_in_seconds > 86_400 * 365, "{error:?}");
     }
 
     #[tokio::test]

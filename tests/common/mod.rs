@@ -671,3 +671,20 @@ pub fn calls_allowed(
         calls += 1;
     }
 }
+
+/// Replaces a file the way an editor or the kubelet would: a whole new file at once.
+pub fn write_atomic(path: &Path, content: &[u8]) {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, content).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Makes a FIFO (named pipe) at `path`.
+pub fn mkfifo(path: &Path) {
+    let ok = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("mkfifo runs")
+        .success();
+    assert!(ok, "mkfifo {} failed", path.display());
+}
