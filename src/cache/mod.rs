@@ -339,9 +339,19 @@ pub struct TokenCache {
     /// Refresh queues by provider name, made (and their tasks started) on first use.
     refreshes: Mutex<HashMap<Arc<str>, Arc<RefreshQueue>>>,
     next_generation: std::sync::atomic::AtomicU64,
+    /// Set once shutdown began: no fetch starts any more.
+    closing: std::sync::atomic::AtomicBool,
     upstream: Arc<Upstream>,
     policy: Policy,
     metrics: Arc<Metrics>,
+}
+
+/// The answer to a request that would need a fetch once shutdown began.
+fn shutting_down() -> CacheError {
+    CacheError::Unavailable {
+        retry_after: Duration::from_secs(1),
+        reason: "the sidecar is shutting down".into(),
+    }
 }
 
 impl Drop for TokenCache {
@@ -376,6 +386,7 @@ impl TokenCache {
             keys: Mutex::new(HashMap::with_capacity(expected_keys)),
             refreshes: Mutex::default(),
             next_generation: std::sync::atomic::AtomicU64::new(1),
+            closing: std::sync::atomic::AtomicBool::new(false),
             upstream,
             policy,
             metrics,
@@ -486,7 +497,10 @@ impl TokenCache {
             } else if let Some(fail) = rec.failure.as_ref().filter(|f| f.retry_at > now) {
                 return Err(self.failure_error(set, fail, now));
             } else {
-                (self.start_flight(rec, None), Source::Miss)
+                match self.start_flight(rec, None) {
+                    Some(f) => (f, Source::Miss),
+                    None => return Err(shutting_down()),
+                }
             }
         };
         match tokio::time::timeout(wait, flight).await {
@@ -552,11 +566,17 @@ impl TokenCache {
 
     /// Starts the fetch for a record (caller holds the lock and checked none is running).
     /// A background refresh passes its queue's slot, given back when the fetch ends.
+    /// Starts nothing once shutdown began ([`TokenCache::close`]): `None`.
     fn start_flight(
         self: &Arc<Self>,
         rec: &mut KeyRecord,
         slot: Option<OwnedSemaphorePermit>,
-    ) -> Flight {
+    ) -> Option<Flight> {
+        // Read under the key map's lock, which `close` takes to set it: a flight is either
+        // started before shutdown began, or not at all.
+        if self.closing.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
         let this = self.clone();
         let set = rec.set.clone();
         let generation = rec.generation;
@@ -574,7 +594,7 @@ impl TokenCache {
         .boxed()
         .shared();
         rec.inflight = Some(flight.clone());
-        flight
+        Some(flight)
     }
 
     /// One upstream fetch and its bookkeeping; runs in its own task.
@@ -654,12 +674,24 @@ impl TokenCache {
         generation: u64,
         e: ProviderError,
     ) -> Arc<ProviderError> {
+        let mut keys = self.lock();
+        if e.code == crate::upstream::SHUTTING_DOWN && self.upstream.is_closed() {
+            // Never sent: shutdown began while it waited its turn. Not a provider
+            // failure, nothing to retry in this process.
+            if let Some(rec) = keys
+                .get_mut(&set.key)
+                .filter(|r| r.generation == generation)
+            {
+                rec.inflight = None;
+            }
+            tracing::debug!(account = %set.key.account, "refresh not sent: shutting down");
+            return Arc::new(e);
+        }
         let outcome = match e.class {
             ErrorClass::Transient => RefreshOutcome::Transient,
             ErrorClass::Permanent => RefreshOutcome::Permanent,
         };
         self.metrics.refresh(&set.provider_name, outcome);
-        let mut keys = self.lock();
         if let Some(rec) = keys
             .get_mut(&set.key)
             .filter(|r| r.generation == generation)
@@ -854,7 +886,7 @@ impl TokenCache {
         if has_token || backing_off {
             return None;
         }
-        Some(self.start_flight(rec, None))
+        self.start_flight(rec, None)
     }
 
     /// Fetches a new token for `set` now, even if the cached one is fresh (admin action);
@@ -868,7 +900,7 @@ impl TokenCache {
             let rec = self.record_for(&mut keys, set);
             match &rec.inflight {
                 Some(f) => f.clone(),
-                None => self.start_flight(rec, None),
+                None => self.start_flight(rec, None).ok_or_else(shutting_down)?,
             }
         };
         match tokio::time::timeout(self.policy.request_wait, flight).await {
@@ -920,12 +952,36 @@ impl TokenCache {
         }
     }
 
-    /// Fetches under way (shutdown waits for them so a rotation being persisted completes).
+    /// Fetches under way.
     pub fn in_flight(&self) -> Vec<Flight> {
         self.lock()
             .values()
             .filter_map(|r| r.inflight.clone())
             .collect()
+    }
+
+    /// Begins shutdown: from this instant no fetch starts (requests, refresh queues,
+    /// pre-warm, reloads, admin refreshes) and no upstream call is sent; calls already
+    /// sent go on ([`Upstream::drain`] waits for them).
+    pub fn close(&self) {
+        {
+            let _keys = self.lock();
+            self.closing
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        self.upstream.close();
+        let queues = self.refreshes.lock().unwrap_or_else(|p| p.into_inner());
+        for queue in queues.values() {
+            queue
+                .closed
+                .store(true, std::sync::atomic::Ordering::Release);
+            queue.changed.notify_one();
+        }
+    }
+
+    /// The upstream the cache fetches through.
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
     }
 
     /// Runs moka's pending housekeeping now (after a mass insert such as pre-warm), so
