@@ -621,8 +621,10 @@ impl Running {
                     "stopping with this account's newest refresh token only in memory: the state directory could not be written; the account needs re-consent after the restart");
             }
         } else if !unpersisted.is_empty() {
-            tracing::warn!(accounts = unpersisted.len(),
-                "no --state-dir: the rotated refresh tokens of these accounts are lost now");
+            tracing::warn!(
+                accounts = unpersisted.len(),
+                "no --state-dir: the rotated refresh tokens of these accounts are lost now"
+            );
         }
         ShutdownReport {
             unanswered,

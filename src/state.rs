@@ -107,7 +107,8 @@ pub struct PersistStatus {
 /// An unpersisted account: its rotation that is not on disk, and why.
 struct Pending {
     version: u64,
-    error: String,
+    /// Shared: with no state directory every rotated account has the same reason.
+    error: Arc<str>,
     since: SystemTime,
     attempts: u32,
 }
@@ -243,7 +244,7 @@ impl TokenStore {
                 (
                     account.clone(),
                     PersistStatus {
-                        error: p.error.clone(),
+                        error: p.error.to_string(),
                         since: p.since,
                         attempts: p.attempts,
                         retry_in,
@@ -329,12 +330,10 @@ impl TokenStore {
             },
         );
         if self.dir.is_none() {
-            self.mark_unpersisted(
-                account,
-                version,
-                "no --state-dir: kept in memory only, lost on restart".into(),
-                false,
-            );
+            static NO_DIR: OnceLock<Arc<str>> = OnceLock::new();
+            let why = NO_DIR
+                .get_or_init(|| Arc::from("no --state-dir: kept in memory only, lost on restart"));
+            self.mark_unpersisted(account, version, why.clone(), false);
             return Ok(());
         }
         let job = WriteJob {
@@ -347,7 +346,7 @@ impl TokenStore {
         let result = results.pop().map_or(Err(StateError::Closed), |(_, _, r)| r);
         match &result {
             Ok(()) => self.mark_persisted(account, version),
-            Err(e) => self.mark_unpersisted(account, version, e.to_string(), true),
+            Err(e) => self.mark_unpersisted(account, version, e.to_string().into(), true),
         }
         result
     }
@@ -363,8 +362,10 @@ impl TokenStore {
             return Vec::new();
         };
         let this = self.clone();
-        let accounts: Vec<(Arc<str>, u64)> =
-            jobs.iter().map(|j| (j.account.clone(), j.version)).collect();
+        let accounts: Vec<(Arc<str>, u64)> = jobs
+            .iter()
+            .map(|j| (j.account.clone(), j.version))
+            .collect();
         let written = tokio::task::spawn_blocking(move || {
             let write = |held: bool, job: &WriteJob| {
                 if !held {
@@ -438,7 +439,7 @@ impl TokenStore {
         self: &Arc<Self>,
         account: &Arc<str>,
         version: u64,
-        error: String,
+        error: Arc<str>,
         retry: bool,
     ) {
         let mut u = self.unpersisted_lock();
@@ -515,7 +516,7 @@ impl TokenStore {
                     Err(StateError::Closed) => {}
                     Err(e) => {
                         failed += 1;
-                        let e = e.to_string();
+                        let e: Arc<str> = e.to_string().into();
                         first_error.get_or_insert_with(|| e.clone());
                         self.mark_unpersisted(&account, version, e, true);
                     }
@@ -553,7 +554,7 @@ impl TokenStore {
                 .unpersisted_lock()
                 .accounts
                 .iter()
-                .map(|(a, p)| (a.clone(), p.error.clone()))
+                .map(|(a, p)| (a.clone(), p.error.to_string()))
                 .collect();
         }
         let jobs = self.pending_jobs();
@@ -563,7 +564,7 @@ impl TokenStore {
                 Err(e) => {
                     let mut u = self.unpersisted_lock();
                     if let Some(p) = u.accounts.get_mut(&account) {
-                        p.error = e.to_string();
+                        p.error = e.to_string().into();
                         p.attempts = p.attempts.saturating_add(1);
                     }
                 }
@@ -572,7 +573,7 @@ impl TokenStore {
         let u = self.unpersisted_lock();
         u.accounts
             .iter()
-            .map(|(a, p)| (a.clone(), p.error.clone()))
+            .map(|(a, p)| (a.clone(), p.error.to_string()))
             .collect()
     }
 }

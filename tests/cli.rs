@@ -1303,7 +1303,11 @@ async fn token_prints_the_answer_masked_unless_asked_to_show_it() {
     )
     .await;
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stderr), "", "nothing rotated, nothing to warn about");
+    assert_eq!(
+        text(&out.stderr),
+        "",
+        "nothing rotated, nothing to warn about"
+    );
     let stdout = text(&out.stdout);
     let issued: Vec<String> = idp.with(|s| s.issued.keys().cloned().collect());
     assert_eq!(issued.len(), 1, "fetched once");
@@ -1397,7 +1401,9 @@ async fn token_never_spends_a_refresh_token_it_cannot_keep() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(
-        err.contains("--state-dir") && err.contains("--allow-unpersisted") && err.lines().count() == 1,
+        err.contains("--state-dir")
+            && err.contains("--allow-unpersisted")
+            && err.lines().count() == 1,
         "{err}"
     );
     assert_eq!(idp.calls(), 0, "nothing was spent");
@@ -1411,7 +1417,16 @@ async fn token_never_spends_a_refresh_token_it_cannot_keep() {
     std::fs::create_dir(&logs).unwrap();
     let mut sc = Proc::spawn(
         &logs,
-        &args(&["--config", c, "--listen", "127.0.0.1:0", "--state-dir", s, "--prewarm-concurrency", "0"]),
+        &args(&[
+            "--config",
+            c,
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            s,
+            "--prewarm-concurrency",
+            "0",
+        ]),
         &[],
     );
     let _ = sc.addr().await;
@@ -1419,7 +1434,8 @@ async fn token_never_spends_a_refresh_token_it_cannot_keep() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(
-        err.contains("in use by another process") && err.contains(&format!("pid {}", sc.child.id())),
+        err.contains("in use by another process")
+            && err.contains(&format!("pid {}", sc.child.id())),
         "{err}"
     );
     // So is a second sidecar.
@@ -1462,12 +1478,22 @@ async fn token_never_spends_a_refresh_token_it_cannot_keep() {
         }),
     );
     let out = run(
-        &args(&["token", "--config", cfg2.to_str().unwrap(), "a", "--allow-unpersisted"]),
+        &args(&[
+            "token",
+            "--config",
+            cfg2.to_str().unwrap(),
+            "a",
+            "--allow-unpersisted",
+        ]),
         &[],
     )
     .await;
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("was not kept"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("was not kept"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[tokio::test]

@@ -169,7 +169,10 @@ fn read_state(state: &Path) -> Result<(HashMap<String, String>, usize), String> 
 }
 
 /// [`read_state`] for a map of `accounts` accounts.
-fn read_state_of(state: &Path, accounts: usize) -> Result<(HashMap<String, String>, usize), String> {
+fn read_state_of(
+    state: &Path,
+    accounts: usize,
+) -> Result<(HashMap<String, String>, usize), String> {
     let dir = state.join("refresh-tokens");
     let mut out = HashMap::new();
     let mut tmp = 0;
@@ -468,7 +471,11 @@ async fn accounts_failing(
                         None => Some(format!("no token in {body}")),
                     }
                 }
-                Ok(r) => Some(format!("{}: {}", r.status(), r.text().await.unwrap_or_default())),
+                Ok(r) => Some(format!(
+                    "{}: {}",
+                    r.status(),
+                    r.text().await.unwrap_or_default()
+                )),
                 Err(e) => Some(e.to_string()),
             };
             got.map(|why| (account(i), why))
@@ -562,7 +569,10 @@ async fn sigterm_at_random_moments_under_refresh_traffic_loses_no_account() {
             Ok((persisted, _)) => idp.with(|s| {
                 let live = s.valid_refresh_tokens.as_ref().unwrap();
                 for i in 0..TERM_ACCOUNTS {
-                    let tok = persisted.get(&account(i)).cloned().unwrap_or_else(|| config_token(i));
+                    let tok = persisted
+                        .get(&account(i))
+                        .cloned()
+                        .unwrap_or_else(|| config_token(i));
                     if !live.contains(&tok) {
                         problems.push(format!(
                             "round {round}: {} persisted a token the provider no longer accepts",
@@ -579,7 +589,12 @@ async fn sigterm_at_random_moments_under_refresh_traffic_loses_no_account() {
         started.elapsed(),
         problems.len()
     );
-    assert!(problems.is_empty(), "{} problems: {:#?}", problems.len(), problems);
+    assert!(
+        problems.is_empty(),
+        "{} problems: {:#?}",
+        problems.len(),
+        problems
+    );
     assert_eq!(reuse, 0, "a spent refresh token was sent again");
     assert!(
         signals_with_calls_in_flight >= terms / 2,

@@ -91,8 +91,8 @@ async fn metric(c: &reqwest::Client, addr: SocketAddr, name: &str) -> Option<f64
 // Shutdown
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn from_the_first_instant_of_shutdown_no_upstream_call_starts_and_every_sent_one_is_awaited(
-) {
+async fn from_the_first_instant_of_shutdown_no_upstream_call_starts_and_every_sent_one_is_awaited()
+{
     let idp = MockIdp::start().await;
     let due: Vec<String> = (0..10).map(|i| format!("due{i}")).collect();
     let mut tokens: Vec<String> = due.iter().map(|a| format!("rt-{a}")).collect();
@@ -110,9 +110,7 @@ async fn from_the_first_instant_of_shutdown_no_upstream_call_starts_and_every_se
             json!({ "user": format!("{a}@example.com"), "provider": "idp", "refreshToken": format!("rt-{a}") }),
         );
     }
-    let config = |accounts: &serde_json::Map<String, Value>| {
-        json!({ "providers": { "idp": oauth2_provider(&idp) }, "accounts": accounts })
-    };
+    let config = |accounts: &serde_json::Map<String, Value>| json!({ "providers": { "idp": oauth2_provider(&idp) }, "accounts": accounts });
     let cfg = write_config(dir.path(), &config(&accounts));
     let mut o = test_options(&cfg);
     o.state_dir = Some(state.clone());
@@ -161,14 +159,21 @@ async fn from_the_first_instant_of_shutdown_no_upstream_call_starts_and_every_se
     let _ = stopping.await.unwrap();
     let took = began.elapsed();
     let r = slow.await.unwrap();
-    assert_eq!(r.status, 200, "the call sent before shutdown was answered: {}", r.body);
+    assert_eq!(
+        r.status, 200,
+        "the call sent before shutdown was answered: {}",
+        r.body
+    );
     assert!(
         took >= Duration::from_millis(1200),
         "shutdown waited for the call at the provider ({took:?})"
     );
     // And the rotation it brought is on disk.
     let live_slow = idp.with(|s| s.last_superseded["rt-slow"].1.clone());
-    assert_eq!(persisted(&state, "slow").as_deref(), Some(live_slow.as_str()));
+    assert_eq!(
+        persisted(&state, "slow").as_deref(),
+        Some(live_slow.as_str())
+    );
 
     // The due refreshes never went out, during the grace or after it.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -178,7 +183,11 @@ async fn from_the_first_instant_of_shutdown_no_upstream_call_starts_and_every_se
         .skip(calls_before as usize)
         .map(|r| r.form.get("refresh_token").cloned().unwrap_or_default())
         .collect();
-    assert_eq!(late, Vec::<String>::new(), "upstream calls started after shutdown began");
+    assert_eq!(
+        late,
+        Vec::<String>::new(),
+        "upstream calls started after shutdown began"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -265,20 +274,48 @@ async fn a_rotated_token_that_cannot_be_written_is_kept_used_reported_and_writte
     );
     let sc = start_on(&cfg, &state).await;
     let (c, addr) = (client(), sc.local_addr);
-    assert_eq!(ask(&c, addr, "account=a&proto=imap", None).await.status, 200);
+    assert_eq!(
+        ask(&c, addr, "account=a&proto=imap", None).await.status,
+        200
+    );
     assert_eq!(persisted(&state, "a"), Some(live_token(&idp)));
-    assert_eq!(metric(&c, addr, "ee_auth_state_unpersisted_accounts").await, Some(0.0));
+    assert_eq!(
+        metric(&c, addr, "ee_auth_state_unpersisted_accounts").await,
+        Some(0.0)
+    );
 
     // The volume fills up; the next rotation cannot be written.
     disk.fill();
-    assert_eq!(force_refresh(&c, addr, "a").await, 200, "the fresh token is served");
+    assert_eq!(
+        force_refresh(&c, addr, "a").await,
+        200,
+        "the fresh token is served"
+    );
     let v = admin_account(&c, addr, "a").await;
-    let error = v["persist"]["error"].as_str().unwrap_or_else(|| panic!("no persist error: {v}"));
-    assert!(error.contains("No space left on device"), "the OS reason: {error}");
+    let error = v["persist"]["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no persist error: {v}"));
+    assert!(
+        error.contains("No space left on device"),
+        "the OS reason: {error}"
+    );
     assert_eq!(v["persist"]["state"], "memory_only", "{v}");
-    assert_eq!(metric(&c, addr, "ee_auth_state_unpersisted_accounts").await, Some(1.0));
-    let listed: Value = c.get(format!("http://{addr}/v1/accounts")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(listed["accounts"][0]["persist"]["state"], "memory_only", "{listed}");
+    assert_eq!(
+        metric(&c, addr, "ee_auth_state_unpersisted_accounts").await,
+        Some(1.0)
+    );
+    let listed: Value = c
+        .get(format!("http://{addr}/v1/accounts"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["accounts"][0]["persist"]["state"], "memory_only",
+        "{listed}"
+    );
     let newest = live_token(&idp);
     assert_ne!(persisted(&state, "a").as_deref(), Some(newest.as_str()));
 
@@ -302,7 +339,10 @@ async fn a_rotated_token_that_cannot_be_written_is_kept_used_reported_and_writte
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(persisted(&state, "a"), Some(live_token(&idp)));
-    assert_eq!(metric(&c, addr, "ee_auth_state_unpersisted_accounts").await, Some(0.0));
+    assert_eq!(
+        metric(&c, addr, "ee_auth_state_unpersisted_accounts").await,
+        Some(0.0)
+    );
 
     // Full again; room comes back just before a shutdown, between two retries: the
     // shutdown's own last attempt writes it.
@@ -315,7 +355,11 @@ async fn a_rotated_token_that_cannot_be_written_is_kept_used_reported_and_writte
     }
     disk.free();
     sc.shutdown().await;
-    assert_eq!(persisted(&state, "a"), Some(live_token(&idp)), "written at shutdown");
+    assert_eq!(
+        persisted(&state, "a"),
+        Some(live_token(&idp)),
+        "written at shutdown"
+    );
 
     // A restart spends exactly that token.
     let sc = start_on(&cfg, &state).await;
