@@ -749,6 +749,43 @@ mod tests {
         assert_eq!(meta.permissions().mode() & 0o777, 0o700);
     }
 
+    #[tokio::test]
+    async fn an_older_rotation_written_late_never_replaces_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = TokenStore::open(dir.path()).unwrap();
+        let tokens = dir.path().join("refresh-tokens");
+        let job = |version, token: &str| WriteJob {
+            account: Arc::from("a"),
+            origin: [7; 32],
+            token: Secret::new(token),
+            version,
+        };
+        // A retry of rotation 1 that reaches the disk after rotation 2 was written.
+        store.write_in_order(&tokens, &job(2, "rt-2")).unwrap();
+        store.write_in_order(&tokens, &job(1, "rt-1")).unwrap();
+        let (_, rec) = read_record(&tokens.join(file_name("a"))).unwrap();
+        assert_eq!(rec.token.expose(), "rt-2");
+        store.write_in_order(&tokens, &job(3, "rt-3")).unwrap();
+        let (_, rec) = read_record(&tokens.join(file_name("a"))).unwrap();
+        assert_eq!(rec.token.expose(), "rt-3");
+    }
+
+    #[test]
+    fn the_lock_names_its_holder_and_is_released_with_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = TokenStore::open(dir.path()).unwrap();
+        let pid = std::process::id().to_string();
+        let text = fs::read_to_string(dir.path().join("lock")).unwrap();
+        assert_eq!(text.trim(), pid);
+        match TokenStore::open(dir.path()) {
+            Err(StateError::Locked { holder, .. }) => assert_eq!(holder, Some(pid)),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("opened twice"),
+        }
+        drop(store);
+        assert!(TokenStore::open(dir.path()).is_ok());
+    }
+
     #[test]
     fn torn_or_foreign_files_are_skipped_with_a_warning() {
         let dir = tempfile::tempdir().unwrap();

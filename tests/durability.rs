@@ -239,6 +239,30 @@ impl FullDisk {
         }
     }
 
+    /// Makes the token directory read-only: a read-only bind mount over it (the volume
+    /// itself cannot be remounted while the lock file is open for writing). False when
+    /// mounting is not permitted.
+    fn read_only(&self) -> bool {
+        let tokens = self.state.join("refresh-tokens");
+        if !(self.tmpfs
+            && run(
+                "mount",
+                &["--bind".as_ref(), tokens.as_ref(), tokens.as_ref()],
+            ))
+        {
+            return false;
+        }
+        assert!(run(
+            "mount",
+            &["-o".as_ref(), "remount,bind,ro".as_ref(), tokens.as_ref()]
+        ));
+        true
+    }
+
+    fn writable_again(&self) {
+        assert!(run("umount", &[self.state.join("refresh-tokens").as_ref()]));
+    }
+
     fn free(&self) {
         if self.tmpfs {
             std::fs::remove_file(self.state.join("filler")).unwrap();
@@ -250,6 +274,13 @@ impl FullDisk {
             let _ = std::fs::remove_file(tmp);
         }
     }
+}
+
+fn run(cmd: &str, args: &[&std::ffi::OsStr]) -> bool {
+    Command::new(cmd)
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 impl Drop for FullDisk {
@@ -343,6 +374,21 @@ async fn a_rotated_token_that_cannot_be_written_is_kept_used_reported_and_writte
         metric(&c, addr, "ee_auth_state_unpersisted_accounts").await,
         Some(0.0)
     );
+
+    // A volume gone read-only is the same story, with its own reason (tmpfs only).
+    if disk.read_only() {
+        assert_eq!(force_refresh(&c, addr, "a").await, 200);
+        let v = admin_account(&c, addr, "a").await;
+        let error = v["persist"]["error"].as_str().unwrap_or_default();
+        assert!(error.contains("Read-only file system"), "{v}");
+        disk.writable_again();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while admin_account(&c, addr, "a").await.get("persist").is_some() {
+            assert!(Instant::now() < deadline, "the retried write never landed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(persisted(&state, "a"), Some(live_token(&idp)));
+    }
 
     // Full again; room comes back just before a shutdown, between two retries: the
     // shutdown's own last attempt writes it.
