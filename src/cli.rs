@@ -328,7 +328,9 @@ pub async fn token(args: &TokenArgs) -> i32 {
                 );
                 return 2;
             }
-            let store = match &args.state_dir {
+            // A grant that rotates nothing needs (and locks) no state directory.
+            let state_dir = args.state_dir.as_ref().filter(|_| spends_refresh_token);
+            let store = match state_dir {
                 Some(dir) => match crate::state::TokenStore::open(dir) {
                     Ok((s, _)) => s,
                     Err(e) => {

@@ -54,8 +54,12 @@ async fn start_on(cfg: &Path, state: &Path) -> Running {
     start(o).await.expect("sidecar starts")
 }
 
+/// Credentials of the admin API in the persist test's config.
+const ADMIN: (&str, &str) = ("admin", "admin-password-1");
+
 async fn admin_account(c: &reqwest::Client, addr: SocketAddr, id: &str) -> Value {
     c.get(format!("http://{addr}/v1/accounts/{id}"))
+        .basic_auth(ADMIN.0, Some(ADMIN.1))
         .send()
         .await
         .unwrap()
@@ -66,6 +70,7 @@ async fn admin_account(c: &reqwest::Client, addr: SocketAddr, id: &str) -> Value
 
 async fn force_refresh(c: &reqwest::Client, addr: SocketAddr, id: &str) -> u16 {
     c.post(format!("http://{addr}/v1/accounts/{id}/refresh"))
+        .basic_auth(ADMIN.0, Some(ADMIN.1))
         .send()
         .await
         .unwrap()
@@ -300,7 +305,7 @@ async fn a_rotated_token_that_cannot_be_written_is_kept_used_reported_and_writte
     let disk = FullDisk::new(&state, "a");
     let cfg = write_config(
         dir.path(),
-        &json!({ "providers": { "idp": oauth2_provider(&idp) }, "accounts": {
+        &json!({ "adminAuth": { "username": ADMIN.0, "password": ADMIN.1 }, "providers": { "idp": oauth2_provider(&idp) }, "accounts": {
             "a": { "user": "a@example.com", "provider": "idp", "refreshToken": "rt-0" } } }),
     );
     let sc = start_on(&cfg, &state).await;
@@ -337,6 +342,7 @@ async fn a_rotated_token_that_cannot_be_written_is_kept_used_reported_and_writte
     );
     let listed: Value = c
         .get(format!("http://{addr}/v1/accounts"))
+        .basic_auth(ADMIN.0, Some(ADMIN.1))
         .send()
         .await
         .unwrap()
