@@ -82,7 +82,13 @@ struct Record {
     token: Secret,
     /// Store-wide rotation number: a write of an older one never replaces a newer one.
     version: u64,
+    /// The newest version on disk (0: none written by this process).
+    written: u64,
 }
+
+/// Writes of one account are serialized by one of these, picked by the account's hash:
+/// a lock per account would cost memory for every account that ever rotated.
+const WRITE_STRIPES: usize = 64;
 
 /// First retry of a failed write, doubled after each failed round up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_secs(1);
@@ -139,9 +145,9 @@ struct DirLock {
 pub struct TokenStore {
     dir: Option<PathBuf>,
     records: Mutex<HashMap<Arc<str>, Record>>,
-    /// Per account, the version last written: a write takes it, so writes of one account
-    /// (a rotation and a retry) never interleave, and an older one never lands last.
-    written: Mutex<HashMap<Arc<str>, Arc<Mutex<u64>>>>,
+    /// A write holds its account's stripe, so writes of one account (a rotation and a
+    /// retry) never interleave, and one older than the record's `written` is skipped.
+    stripes: [Mutex<()>; WRITE_STRIPES],
     next_version: AtomicU64,
     unpersisted: Mutex<Unpersisted>,
     gauge: OnceLock<metrics::Gauge>,
@@ -156,7 +162,7 @@ impl TokenStore {
         TokenStore {
             dir: None,
             records: Mutex::new(HashMap::new()),
-            written: Mutex::new(HashMap::new()),
+            stripes: std::array::from_fn(|_| Mutex::new(())),
             next_version: AtomicU64::new(0),
             unpersisted: Mutex::new(Unpersisted::default()),
             gauge: OnceLock::new(),
@@ -321,14 +327,19 @@ impl TokenStore {
         token: Secret,
     ) -> Result<(), StateError> {
         let version = self.next_version.fetch_add(1, Ordering::Relaxed) + 1;
-        self.lock().insert(
-            account.clone(),
-            Record {
-                origin,
-                token: token.clone(),
-                version,
-            },
-        );
+        {
+            let mut records = self.lock();
+            let written = records.get(account).map_or(0, |r| r.written);
+            records.insert(
+                account.clone(),
+                Record {
+                    origin,
+                    token: token.clone(),
+                    version,
+                    written,
+                },
+            );
+        }
         if self.dir.is_none() {
             static NO_DIR: OnceLock<Arc<str>> = OnceLock::new();
             let why = NO_DIR
@@ -407,21 +418,28 @@ impl TokenStore {
         }
     }
 
-    /// Writes one job unless a newer version of its account is already on disk.
+    /// Writes one job unless a newer version of its account is already on disk. (An
+    /// account whose record is gone was re-consented: a late write of its old chain is
+    /// harmless, because at start a record of another origin loses to the config.)
     fn write_in_order(&self, dir: &Path, job: &WriteJob) -> Result<(), StateError> {
-        let slot = self
-            .written
+        let stripe = ring::digest::digest(&ring::digest::SHA256, job.account.as_bytes())
+            .as_ref()
+            .first()
+            .map_or(0, |b| usize::from(*b) % WRITE_STRIPES);
+        let _turn = self.stripes[stripe]
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(job.account.clone())
-            .or_default()
-            .clone();
-        let mut last = slot.lock().unwrap_or_else(|p| p.into_inner());
-        if *last >= job.version {
+            .unwrap_or_else(|p| p.into_inner());
+        let newer_on_disk = self
+            .lock()
+            .get(&job.account)
+            .is_some_and(|r| r.written >= job.version);
+        if newer_on_disk {
             return Ok(());
         }
         write_record(dir, &job.account, job.origin, &job.token)?;
-        *last = job.version;
+        if let Some(r) = self.lock().get_mut(&job.account) {
+            r.written = r.written.max(job.version);
+        }
         Ok(())
     }
 
@@ -671,6 +689,7 @@ fn read_record(path: &Path) -> Result<(String, Record), String> {
             origin,
             token: Secret::new(rec.refresh_token),
             version: 0,
+            written: 0,
         },
     ))
 }
@@ -760,11 +779,25 @@ mod tests {
             token: Secret::new(token),
             version,
         };
+        let remember = |version, token: &str| {
+            let record = Record {
+                origin: [7; 32],
+                token: Secret::new(token),
+                version,
+                written: 0,
+            };
+            let mut records = store.lock();
+            let written = records.get("a").map_or(0, |r| r.written);
+            records.insert(Arc::from("a"), Record { written, ..record });
+        };
         // A retry of rotation 1 that reaches the disk after rotation 2 was written.
+        remember(1, "rt-1");
+        remember(2, "rt-2");
         store.write_in_order(&tokens, &job(2, "rt-2")).unwrap();
         store.write_in_order(&tokens, &job(1, "rt-1")).unwrap();
         let (_, rec) = read_record(&tokens.join(file_name("a"))).unwrap();
         assert_eq!(rec.token.expose(), "rt-2");
+        remember(3, "rt-3");
         store.write_in_order(&tokens, &job(3, "rt-3")).unwrap();
         let (_, rec) = read_record(&tokens.join(file_name("a"))).unwrap();
         assert_eq!(rec.token.expose(), "rt-3");
