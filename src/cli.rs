@@ -216,10 +216,14 @@ pub struct TokenArgs {
     /// Print the token instead of a masked form.
     #[arg(long)]
     pub show_token: bool,
-    /// Use (and update) the rotated refresh tokens of this state directory. Point it at
-    /// the running sidecar's directory only while that sidecar is stopped.
+    /// Use (and update) the rotated refresh tokens of this state directory. It is locked
+    /// while in use: a sidecar running on it makes `token` fail (and the other way round).
     #[arg(long, env = "EE_AUTH_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Spend a refresh token without --state-dir: a rotating provider's new refresh token
+    /// is then thrown away, and the sidecar's next refresh with the old one may fail.
+    #[arg(long)]
+    pub allow_unpersisted: bool,
 }
 
 impl ServeArgs {
@@ -352,16 +356,28 @@ pub async fn token(args: &TokenArgs) -> i32 {
         AccountKind::Fixed(body) => body.clone(),
         AccountKind::OAuth(o) => {
             let set = o.set_for(proto).clone();
-            let store = match &args.state_dir {
+            // Only the refresh_token grant spends something a provider may rotate.
+            let spends_refresh_token = set.grant == crate::provider::Grant::RefreshToken;
+            if spends_refresh_token && args.state_dir.is_none() && !args.allow_unpersisted {
+                eprintln!(
+                    "error: refusing to spend the refresh token of `{}` without --state-dir: a provider that rotates refresh tokens (Microsoft, strict-rotation providers) would revoke the current one and the new one would be lost, so the sidecar's next refresh fails with invalid_grant; pass --state-dir DIR (the sidecar's, while it is stopped) to keep the new token, or --allow-unpersisted if the provider does not rotate",
+                    args.account
+                );
+                return 2;
+            }
+            // A grant that rotates nothing needs (and locks) no state directory.
+            let state_dir = args.state_dir.as_ref().filter(|_| spends_refresh_token);
+            let store = match state_dir {
                 Some(dir) => match crate::state::TokenStore::open(dir) {
                     Ok((s, _)) => s,
                     Err(e) => {
-                        eprintln!("{e}");
+                        eprintln!("error: {e}");
                         return 1;
                     }
                 },
                 None => crate::state::TokenStore::in_memory(),
             };
+            let store = std::sync::Arc::new(store);
             let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
             let http = match crate::upstream::http_client(Duration::from_secs(30)) {
                 Ok(h) => h,
@@ -372,7 +388,7 @@ pub async fn token(args: &TokenArgs) -> i32 {
             };
             let upstream = std::sync::Arc::new(crate::upstream::Upstream::new(
                 http,
-                std::sync::Arc::new(store),
+                store.clone(),
                 1,
                 metrics.clone(),
             ));
@@ -381,7 +397,25 @@ pub async fn token(args: &TokenArgs) -> i32 {
                 ..Policy::default()
             };
             let cache = crate::cache::TokenCache::new(upstream, policy, metrics, 1);
-            match cache.get(&set).await {
+            let got = cache.get(&set).await;
+            // A rotated token is written before the answer is used; a write that failed
+            // gets one more try, and the directory's lock is released.
+            let lost = store.close().await;
+            if let Some((_, why)) = lost.first() {
+                if store.is_durable() {
+                    eprintln!(
+                        "error: the provider rotated the refresh token of `{}` and the new one could not be written to {}: {why}; the previous one is spent, so the account needs re-consent",
+                        args.account,
+                        args.state_dir.as_deref().unwrap_or(std::path::Path::new("")).display()
+                    );
+                    return 1;
+                }
+                eprintln!(
+                    "warning: the provider rotated the refresh token of `{}`; the new one was not kept (--allow-unpersisted), so a sidecar refreshing with the previous one will get invalid_grant",
+                    args.account
+                );
+            }
+            match got {
                 Ok((body, _)) => body,
                 Err(e) => {
                     eprintln!("{}: {e}", args.account);

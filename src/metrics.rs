@@ -25,6 +25,7 @@ const RELOADS: &str = "ee_auth_config_reloads_total";
 const LAST_RELOAD: &str = "ee_auth_config_last_reload_success_timestamp_seconds";
 const MIN_REMAINING: &str = "ee_auth_token_min_remaining_seconds";
 const PERSIST_FAILURES: &str = "ee_auth_state_persist_failures_total";
+const UNPERSISTED: &str = "ee_auth_state_unpersisted_accounts";
 
 static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
@@ -216,6 +217,12 @@ impl Metrics {
                 .into(),
         );
         recorder.describe_gauge(
+            UNPERSISTED.into(),
+            None,
+            "Accounts whose newest refresh token exists only in memory (its write to the state directory failed and is retried; without --state-dir, every rotated account). Lost on restart."
+                .into(),
+        );
+        recorder.describe_gauge(
             LAST_RELOAD.into(),
             Some(Unit::Seconds),
             "Unix time of the last successful config load.".into(),
@@ -351,6 +358,16 @@ impl Metrics {
     /// Counts a failed write of a rotated refresh token.
     pub fn persist_failure(&self) {
         self.persist_failures.increment(1);
+    }
+
+    /// The gauge of accounts whose newest refresh token is only in memory (the token
+    /// store keeps it current as writes fail and succeed).
+    pub fn unpersisted_gauge(&self) -> Gauge {
+        let gauge = self
+            .recorder
+            .register_gauge(&Key::from_name(UNPERSISTED), &METADATA);
+        gauge.set(0.0);
+        gauge
     }
 
     /// Renders the Prometheus text format, after setting the scrape-time gauges.

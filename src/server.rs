@@ -26,6 +26,7 @@ use crate::error::{json_response, ServeError};
 use crate::metrics::Outcome;
 use crate::protocol::{self, parse_query, Proto};
 use crate::sidecar::Sidecar;
+use crate::state::PersistStatus;
 
 /// Largest request head we read; beyond it the answer is 431.
 const MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -298,9 +299,12 @@ async fn admin(
             let status = sidecar.cache().status();
             let mut ids: Vec<&str> = config.accounts.keys().map(|k| &**k).collect();
             ids.sort_unstable();
+            let unpersisted = sidecar.token_store().unpersisted();
             let accounts: Vec<_> = ids
                 .into_iter()
-                .filter_map(|id| account_json(&config, &status, id))
+                .filter_map(|id| {
+                    account_json(&config, &status, id).map(|v| with_persist(v, &unpersisted, id))
+                })
                 .collect();
             Ok(json(
                 StatusCode::OK,
@@ -310,6 +314,7 @@ async fn admin(
         (&Method::GET, [id]) => {
             let id = decode(id)?;
             account_json(&config, &sidecar.cache().status(), &id)
+                .map(|v| with_persist(v, &sidecar.token_store().unpersisted(), &id))
                 .map(|v| json(StatusCode::OK, v))
                 .ok_or(ServeError::UnknownAccount)
         }
@@ -358,6 +363,26 @@ async fn admin(
         (_, [_, "refresh"]) => Err(ServeError::MethodNotAllowed("POST")),
         _ => Err(ServeError::NotFound),
     }
+}
+
+/// Adds `persist` to an account whose newest refresh token exists only in memory: the
+/// OS reason its write failed (or that there is no `--state-dir`), since when, how many
+/// writes failed, and when the next is tried. Absent when the token is on disk.
+fn with_persist(
+    mut v: serde_json::Value,
+    unpersisted: &std::collections::HashMap<Arc<str>, PersistStatus>,
+    id: &str,
+) -> serde_json::Value {
+    if let Some(p) = unpersisted.get(id) {
+        v["persist"] = serde_json::json!({
+            "state": "memory_only",
+            "error": p.error,
+            "since": humantime::format_rfc3339_seconds(p.since).to_string(),
+            "failedWrites": p.attempts,
+            "retryInSeconds": p.retry_in.map(|d| d.as_secs()),
+        });
+    }
+    v
 }
 
 /// One account for the admin API: every credential set it has, fetched yet or not.

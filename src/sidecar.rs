@@ -20,8 +20,9 @@ use crate::config::{
     self, AccountKind, Config, ConfigError, ConfigErrors, CredentialKey, CredentialSet,
 };
 use crate::metrics::{Metrics, Snapshot};
+use crate::provider::Grant;
 use crate::state::TokenStore;
-use crate::upstream::{http_client, Upstream};
+use crate::upstream::{http_client, SentCall, Upstream};
 
 /// Everything `serve` is configured with (the CLI fills it; tests build it directly).
 #[derive(Clone, Debug)]
@@ -132,6 +133,7 @@ pub struct Sidecar {
     ready: AtomicBool,
     reload_status: Mutex<ReloadStatus>,
     options: Options,
+    store: Arc<TokenStore>,
 }
 
 fn now_rfc3339() -> String {
@@ -181,6 +183,7 @@ impl Sidecar {
             }
         };
         let store = Arc::new(store);
+        store.report_unpersisted(metrics.unpersisted_gauge());
         let http = http_client(options.upstream_timeout)?;
         let upstream = Arc::new(Upstream::new(
             http,
@@ -206,6 +209,7 @@ impl Sidecar {
                 ..Default::default()
             }),
             options,
+            store: store.clone(),
         });
         Ok((sidecar, store))
     }
@@ -228,6 +232,11 @@ impl Sidecar {
     /// The options.
     pub fn options(&self) -> &Options {
         &self.options
+    }
+
+    /// The store of rotated refresh tokens.
+    pub fn token_store(&self) -> &Arc<TokenStore> {
+        &self.store
     }
 
     /// Whether pre-warm has finished (or timed out).
@@ -558,25 +567,78 @@ pub struct Running {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// What a shutdown could not finish: each would cost a rotating account on restart.
+#[derive(Debug, Default)]
+pub struct ShutdownReport {
+    /// Calls to identity providers still unanswered when the grace ran out.
+    pub unanswered: Vec<SentCall>,
+    /// Accounts whose newest refresh token was never written (`--state-dir` unusable,
+    /// or none), with the reason.
+    pub unpersisted: Vec<(Arc<str>, String)>,
+}
+
 impl Running {
-    /// Stops accepting, lets in-flight requests and token fetches finish within the
-    /// grace period (so a rotation being written completes), then returns.
-    pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
+    /// Stops: from the first instant no upstream call starts (refresh queues, pre-warm,
+    /// reloads, admin refreshes, requests); accepting stops and open requests finish;
+    /// every call already sent is awaited within the grace period and its rotated token
+    /// written; failed writes are tried once more; then the state directory is released.
+    /// What could not be finished is logged at ERROR, account by account, and returned.
+    pub async fn shutdown(self) -> ShutdownReport {
         let grace = self.sidecar.options.shutdown_grace;
-        let deadline = tokio::time::Instant::now() + grace;
-        for t in self.tasks {
-            let _ = tokio::time::timeout_at(deadline, t).await;
+        let now = tokio::time::Instant::now();
+        // A grace too large to add is as good as no limit; a day is far beyond any call.
+        let deadline = now
+            .checked_add(grace)
+            .or_else(|| now.checked_add(Duration::from_secs(86_400)))
+            .unwrap_or(now);
+        self.sidecar.cache.close();
+        let _ = self.shutdown.send(true);
+        let upstream = self.sidecar.cache.upstream().clone();
+        let tasks = async {
+            for t in self.tasks {
+                let _ = tokio::time::timeout_at(deadline, t).await;
+            }
+        };
+        let ((), unanswered) = tokio::join!(tasks, upstream.drain(deadline));
+        for call in &unanswered {
+            if call.grant == Grant::RefreshToken {
+                tracing::error!(account = %call.account, provider = %call.provider,
+                    "a refresh sent to the identity provider was not answered within --shutdown-grace; if the provider rotated the refresh token, the account needs re-consent after the restart");
+            } else {
+                tracing::warn!(account = %call.account, provider = %call.provider, grant = call.grant.as_str(),
+                    "a token request sent to the identity provider was not answered within --shutdown-grace");
+            }
         }
-        let pending = self.sidecar.cache.in_flight();
-        if tokio::time::timeout_at(deadline, futures_util::future::join_all(pending))
-            .await
-            .is_err()
-        {
-            tracing::warn!("token fetches still running at the end of the shutdown grace period");
+        // Bounded: a hung volume must not keep the process from exiting.
+        let store = self.sidecar.store.clone();
+        let unpersisted = match tokio::time::timeout(FINAL_WRITE_LIMIT, store.close()).await {
+            Ok(left) => left,
+            Err(_) => store
+                .unpersisted()
+                .into_iter()
+                .map(|(a, s)| (a, format!("{} (final write timed out)", s.error)))
+                .collect(),
+        };
+        if store.is_durable() {
+            for (account, error) in &unpersisted {
+                tracing::error!(account = %account, error = %error,
+                    "stopping with this account's newest refresh token only in memory: the state directory could not be written; the account needs re-consent after the restart");
+            }
+        } else if !unpersisted.is_empty() {
+            tracing::warn!(
+                accounts = unpersisted.len(),
+                "no --state-dir: the rotated refresh tokens of these accounts are lost now"
+            );
+        }
+        ShutdownReport {
+            unanswered,
+            unpersisted,
         }
     }
 }
+
+/// How long shutdown's last attempt at failed writes may take.
+const FINAL_WRITE_LIMIT: Duration = Duration::from_secs(3);
 
 /// Accept-queue length of the listening socket. tokio (like std) asks for 128; a burst
 /// of connections beyond that (EmailEngine connecting many accounts at once) makes the

@@ -1,12 +1,16 @@
 //! One upstream token fetch, with the rules that span providers: refresh tokens are
 //! spent one at a time per account, the newest one is persisted before anything from
 //! the answer is used, and each provider gets at most N concurrent calls.
+//!
+//! Every call sent is registered until its answer (and a rotated token's write) is
+//! done: shutdown closes the gate — no call is sent after that — and waits for the
+//! registered ones, naming those still unanswered when its grace runs out.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
 use crate::config::CredentialSet;
 use crate::metrics::Metrics;
@@ -21,6 +25,43 @@ pub struct Upstream {
     caps: Mutex<HashMap<Arc<str>, Arc<Semaphore>>>,
     account_locks: Mutex<HashMap<Arc<str>, AccountLock>>,
     metrics: Arc<Metrics>,
+    calls: Mutex<Calls>,
+    /// How many calls are registered, for [`Upstream::drain`] to wait on.
+    calls_count: watch::Sender<usize>,
+}
+
+/// Calls sent to providers and not finished yet; `closing` once shutdown began.
+#[derive(Default)]
+struct Calls {
+    closing: bool,
+    next_id: u64,
+    sent: HashMap<u64, SentCall>,
+}
+
+/// A call under way, as shutdown reports it when it is not answered in time.
+#[derive(Clone, Debug)]
+pub struct SentCall {
+    /// The account.
+    pub account: Arc<str>,
+    /// The provider's name in the config.
+    pub provider: Arc<str>,
+    /// The grant: a refresh_token call may have rotated the account's token.
+    pub grant: Grant,
+}
+
+/// A registered call; dropping it (when the fetch and its write are done, or the fetch
+/// is cancelled) unregisters it.
+struct CallGuard<'a> {
+    upstream: &'a Upstream,
+    id: u64,
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        let mut calls = self.upstream.calls_lock();
+        calls.sent.remove(&self.id);
+        self.upstream.calls_count.send_replace(calls.sent.len());
+    }
 }
 
 /// Builds the HTTP client for identity providers: rustls with the ring provider and
@@ -54,7 +95,53 @@ impl Upstream {
             caps: Mutex::new(HashMap::new()),
             account_locks: Mutex::new(HashMap::new()),
             metrics,
+            calls: Mutex::new(Calls::default()),
+            calls_count: watch::Sender::new(0),
         }
+    }
+
+    fn calls_lock(&self) -> std::sync::MutexGuard<'_, Calls> {
+        // Single-step updates: a poisoned map is still whole.
+        self.calls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a call about to be sent, unless shutdown began.
+    fn begin_call(&self, set: &CredentialSet) -> Option<CallGuard<'_>> {
+        let mut calls = self.calls_lock();
+        if calls.closing {
+            return None;
+        }
+        let id = calls.next_id;
+        calls.next_id = calls.next_id.wrapping_add(1);
+        calls.sent.insert(
+            id,
+            SentCall {
+                account: set.key.account.clone(),
+                provider: set.provider_name.clone(),
+                grant: set.grant,
+            },
+        );
+        self.calls_count.send_replace(calls.sent.len());
+        Some(CallGuard { upstream: self, id })
+    }
+
+    /// Closes the gate: from now on no call is sent (a fetch that gets this far fails
+    /// with `shutting_down`). Calls already sent go on.
+    pub fn close(&self) {
+        self.calls_lock().closing = true;
+    }
+
+    /// Whether [`Upstream::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.calls_lock().closing
+    }
+
+    /// Waits until every call sent has finished (its rotated token written), or until
+    /// `deadline`; returns the calls still under way then.
+    pub async fn drain(&self, deadline: tokio::time::Instant) -> Vec<SentCall> {
+        let mut count = self.calls_count.subscribe();
+        let _ = tokio::time::timeout_at(deadline, count.wait_for(|n| *n == 0)).await;
+        self.calls_lock().sent.values().cloned().collect()
     }
 
     /// How many concurrent calls one provider may get.
@@ -134,13 +221,18 @@ impl Upstream {
             .cap(&set.provider_name)
             .acquire_owned()
             .await
-            .map_err(|_| ProviderError::transient("shutting_down"))?;
+            .map_err(|_| ProviderError::transient(SHUTTING_DOWN))?;
         let req = TokenRequest {
             grant: set.grant,
             scopes: &set.scopes,
             scopes_explicit: set.scopes_explicit,
             refresh_token: spend.as_ref().map(|(t, _)| t),
             subject: &set.user,
+        };
+        // Registered until the answer is handled and a rotated token written: shutdown
+        // waits for exactly these.
+        let Some(_call) = self.begin_call(set) else {
+            return Err(ProviderError::transient(SHUTTING_DOWN));
         };
         let started = std::time::Instant::now();
         let sent_at = SentAt {
@@ -157,13 +249,16 @@ impl Upstream {
                 if let Err(e) = self.store.rotate(account, *origin, new.clone()).await {
                     self.metrics.persist_failure();
                     tracing::error!(account = %account, error = %e,
-                        "could not persist a rotated refresh token; it is kept in memory and will be lost on restart");
+                        "could not write a rotated refresh token to the state directory; it is kept in memory and used, and the write is retried (the account is lost if the sidecar stops before a write succeeds)");
                 }
             }
         }
         Ok((grant, sent_at))
     }
 }
+
+/// The error code of a fetch refused because shutdown began.
+pub const SHUTTING_DOWN: &str = "shutting_down";
 
 /// Serializes refresh-token spends of one account.
 type AccountLock = Arc<tokio::sync::Mutex<()>>;

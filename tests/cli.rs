@@ -513,6 +513,51 @@ async fn sigterm_while_starting_against_a_stalled_provider_still_exits_zero_with
     assert!(sc.stderr().contains("stopped"));
 }
 
+#[tokio::test]
+async fn a_refresh_unanswered_when_the_grace_runs_out_is_logged_at_error_with_its_account() {
+    let idp = MockIdp::start().await;
+    idp.set_fault(Fault::Stall);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &json!({ "providers": { "idp": oauth2_provider(&idp) }, "accounts": {
+            "stuck-1": { "user": "u", "provider": "idp", "refreshToken": "rt" } } }),
+    );
+    let state = dir.path().join("state");
+    let mut sc = Proc::spawn(
+        dir.path(),
+        &args(&[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--shutdown-grace",
+            "1s",
+        ]),
+        &[],
+    );
+    let _ = sc.addr().await;
+    // Pre-warm's refresh is at the provider, which never answers.
+    assert!(eventually(Duration::from_secs(10), || idp.with(|s| s.inflight) == 1).await);
+    let t = Instant::now();
+    sc.signal("TERM");
+    assert_eq!(sc.wait(Duration::from_secs(10)).await.code(), Some(0));
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "waited the grace for the call, no longer: {took:?}"
+    );
+    let log = sc.stderr();
+    assert!(
+        log.lines().any(|l| l.contains("ERROR")
+            && l.contains("stuck-1")
+            && l.contains("not answered within --shutdown-grace")),
+        "the unanswered call is logged at ERROR with its account:\n{log}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // A full run with its logs captured: no secret anywhere
 
@@ -1235,12 +1280,27 @@ async fn token_prints_the_answer_masked_unless_asked_to_show_it() {
     );
     let c = cfg.to_str().unwrap();
 
+    // This provider does not rotate: spending its refresh token without a state
+    // directory is harmless, and said so explicitly.
     let out = run(
-        &args(&["token", "--config", c, "a", "--proto", "imap"]),
+        &args(&[
+            "token",
+            "--config",
+            c,
+            "a",
+            "--proto",
+            "imap",
+            "--allow-unpersisted",
+        ]),
         &[],
     )
     .await;
     assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr),
+        "",
+        "nothing rotated, nothing to warn about"
+    );
     let stdout = text(&out.stdout);
     let issued: Vec<String> = idp.with(|s| s.issued.keys().cloned().collect());
     assert_eq!(issued.len(), 1, "fetched once");
@@ -1259,6 +1319,7 @@ async fn token_prints_the_answer_masked_unless_asked_to_show_it() {
             "--proto",
             "imap",
             "--show-token",
+            "--allow-unpersisted",
         ]),
         &[],
     )
@@ -1282,7 +1343,11 @@ async fn token_prints_the_answer_masked_unless_asked_to_show_it() {
     );
 
     idp.set_fault(Fault::invalid_grant(Some(70008)));
-    let out = run(&args(&["token", "--config", c, "revoked"]), &[]).await;
+    let out = run(
+        &args(&["token", "--config", c, "revoked", "--allow-unpersisted"]),
+        &[],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(
@@ -1300,6 +1365,128 @@ async fn token_prints_the_answer_masked_unless_asked_to_show_it() {
     )
     .await;
     assert_ne!(out.status.code(), Some(0), "an unknown protocol is refused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_never_spends_a_refresh_token_it_cannot_keep() {
+    let idp = MockIdp::start().await;
+    idp.with(|s| {
+        s.rotate = true;
+        s.valid_refresh_tokens = Some(["rt-a".to_owned()].into());
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &json!({
+            "providers": { "idp": oauth2_provider(&idp) },
+            "accounts": {
+                "a": { "user": "a@example.com", "provider": "idp", "refreshToken": "rt-a" },
+                "app": { "user": "app@example.com", "provider": "idp", "grant": "client_credentials" }
+            }
+        }),
+    );
+    let c = cfg.to_str().unwrap();
+    let state = dir.path().join("state");
+    let s = state.to_str().unwrap();
+
+    // No --state-dir: refused before anything is spent, with what to do instead.
+    let out = run(&args(&["token", "--config", c, "a"]), &[]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("--state-dir")
+            && err.contains("--allow-unpersisted")
+            && err.lines().count() == 1,
+        "{err}"
+    );
+    assert_eq!(idp.calls(), 0, "nothing was spent");
+    // A grant that cannot rotate needs no state directory.
+    let out = run(&args(&["token", "--config", c, "app"]), &[]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(idp.calls(), 1);
+
+    // While a sidecar holds the state directory, `token` on it is refused and names it.
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let mut sc = Proc::spawn(
+        &logs,
+        &args(&[
+            "--config",
+            c,
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            s,
+            "--prewarm-concurrency",
+            "0",
+        ]),
+        &[],
+    );
+    let _ = sc.addr().await;
+    let out = run(&args(&["token", "--config", c, "--state-dir", s, "a"]), &[]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("in use by another process")
+            && err.contains(&format!("pid {}", sc.child.id())),
+        "{err}"
+    );
+    // So is a second sidecar.
+    let logs2 = dir.path().join("logs2");
+    std::fs::create_dir(&logs2).unwrap();
+    let mut second = Proc::spawn(
+        &logs2,
+        &args(&["--config", c, "--listen", "127.0.0.1:0", "--state-dir", s]),
+        &[],
+    );
+    assert_eq!(second.wait(Duration::from_secs(10)).await.code(), Some(1));
+    assert!(
+        second.stderr().contains(&format!("pid {}", sc.child.id())),
+        "{}",
+        second.stderr()
+    );
+    assert_eq!(idp.calls(), 1, "neither spent a refresh token");
+    sc.signal("TERM");
+    assert_eq!(sc.wait(Duration::from_secs(10)).await.code(), Some(0));
+
+    // Once it stopped, `token --state-dir` spends the token and keeps the rotated one.
+    let out = run(&args(&["token", "--config", c, "--state-dir", s, "a"]), &[]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let live = idp.with(|s| s.valid_refresh_tokens.clone().unwrap());
+    let record = std::fs::read_dir(state.join("refresh-tokens"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .expect("a record");
+    let rec: Value = serde_json::from_slice(&std::fs::read(record).unwrap()).unwrap();
+    assert!(live.contains(rec["refreshToken"].as_str().unwrap()));
+
+    // --allow-unpersisted spends it anyway, and says the rotated token was thrown away.
+    let dir2 = tempfile::tempdir().unwrap();
+    let cfg2 = write_config(
+        dir2.path(),
+        &json!({
+            "providers": { "idp": oauth2_provider(&idp) },
+            "accounts": { "a": { "user": "a@example.com", "provider": "idp", "refreshToken": rec["refreshToken"] } }
+        }),
+    );
+    let out = run(
+        &args(&[
+            "token",
+            "--config",
+            cfg2.to_str().unwrap(),
+            "a",
+            "--allow-unpersisted",
+        ]),
+        &[],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("was not kept"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[tokio::test]
@@ -1616,7 +1803,7 @@ async fn every_out_of_range_duration_or_count_flag_is_refused_at_start_with_exit
         ("--default-lifetime", "25h", "1s to 1day"),
         ("--backoff-max", "0s", "1s to 1h"),
         ("--permanent-retry", "500000000000y", "1s to 7days"),
-        ("--request-wait", "10ms", "100ms to 5m"),
+        ("--request-wait", "90s", "0s to 1m 20s"),
         ("--upstream-timeout", "1h", "100ms to 5m"),
         (
             "--reload-interval",

@@ -18,6 +18,11 @@
 //!
 //! `cargo test --test crash` runs 15 kills; the 200-kill run is
 //! `CRASH_KILLS=200 cargo test --test crash -- --ignored --nocapture` (scripts/crash-test.sh).
+//!
+//! A SIGTERM is a graceful stop, so it must lose nothing at all: the SIGTERM test runs a
+//! few hundred accounts with short tokens against a slow provider that rotates on every
+//! use and forgives no reuse, signals at random moments under refresh traffic, and
+//! requires after every stop that each account's persisted token is its chain's live one.
 
 mod common;
 
@@ -62,6 +67,10 @@ struct Sidecar {
 }
 
 fn spawn(config: &Path, state: &Path) -> Sidecar {
+    spawn_with(config, state, &[])
+}
+
+fn spawn_with(config: &Path, state: &Path, extra: &[&str]) -> Sidecar {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ee-auth-sidecar"))
         .args(["--config".as_ref(), config.as_os_str()])
         .args(["--state-dir".as_ref(), state.as_os_str()])
@@ -81,6 +90,7 @@ fn spawn(config: &Path, state: &Path) -> Sidecar {
             "--reload-interval",
             "1h",
         ])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -118,6 +128,26 @@ impl Sidecar {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
+
+    /// SIGTERM, then waits (at most `limit`) for the exit status.
+    async fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                self.child.kill().unwrap();
+                panic!("still running {limit:?} after SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// One persisted record, as src/state.rs writes it.
@@ -135,6 +165,14 @@ struct FileRecord {
 /// Parses every record; returns account -> persisted token and the number of stray
 /// temp files (a write that never reached its rename; harmless, removed at start).
 fn read_state(state: &Path) -> Result<(HashMap<String, String>, usize), String> {
+    read_state_of(state, ACCOUNTS)
+}
+
+/// [`read_state`] for a map of `accounts` accounts.
+fn read_state_of(
+    state: &Path,
+    accounts: usize,
+) -> Result<(HashMap<String, String>, usize), String> {
     let dir = state.join("refresh-tokens");
     let mut out = HashMap::new();
     let mut tmp = 0;
@@ -159,7 +197,7 @@ fn read_state(state: &Path) -> Result<(HashMap<String, String>, usize), String> 
                 String::from_utf8_lossy(&text)
             )
         })?;
-        let i = (0..ACCOUNTS)
+        let i = (0..accounts)
             .find(|i| account(*i) == rec.account)
             .ok_or_else(|| format!("{name}: unknown account {}", rec.account))?;
         if rec.version != 1
@@ -172,6 +210,22 @@ fn read_state(state: &Path) -> Result<(HashMap<String, String>, usize), String> 
         out.insert(rec.account, rec.refresh_token);
     }
     Ok((out, tmp))
+}
+
+/// A config of `n` accounts `acct{i}` with refresh tokens `cfg-rt-{i}`, all on the mock.
+fn accounts_config(dir: &Path, idp: &MockIdp, n: usize) -> PathBuf {
+    let accounts: serde_json::Map<String, serde_json::Value> = (0..n)
+        .map(|i| {
+            (
+                account(i),
+                json!({ "user": format!("{}@example.com", account(i)), "provider": "idp", "refreshToken": config_token(i) }),
+            )
+        })
+        .collect();
+    write_config(
+        dir,
+        &json!({ "providers": { "idp": oauth2_provider(idp) }, "accounts": accounts }),
+    )
 }
 
 async fn wait_ready(c: &reqwest::Client, addr: SocketAddr) -> bool {
@@ -226,18 +280,7 @@ async fn crash_cycles(kills: usize) -> Outcome {
     });
     let dir = tempfile::tempdir().unwrap();
     let state: PathBuf = dir.path().join("state");
-    let accounts: serde_json::Map<String, serde_json::Value> = (0..ACCOUNTS)
-        .map(|i| {
-            (
-                account(i),
-                json!({ "user": format!("{}@example.com", account(i)), "provider": "idp", "refreshToken": config_token(i) }),
-            )
-        })
-        .collect();
-    let cfg = write_config(
-        dir.path(),
-        &json!({ "providers": { "idp": oauth2_provider(&idp) }, "accounts": accounts }),
-    );
+    let cfg = accounts_config(dir.path(), &idp, ACCOUNTS);
     let c = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -395,4 +438,166 @@ async fn kill_9_many_times_loses_no_account() {
     let out = crash_cycles(kills).await;
     eprintln!("{kills} kills in {:?}", started.elapsed());
     check(&out);
+}
+
+// ---------------------------------------------------------------------------------------
+// SIGTERM: a graceful stop loses no account, ever
+
+const TERM_ACCOUNTS: usize = 200;
+/// 4 s tokens: each account refreshes every 1–2 s, so ~130 refreshes a second...
+const TERM_LIFETIME: f64 = 4.0;
+/// ...each taking 0.3 s at the provider: ~40 calls in flight at any moment.
+const TERM_DELAY: Duration = Duration::from_millis(300);
+
+/// Asks every account once; returns those that got no valid token.
+async fn accounts_failing(
+    c: &reqwest::Client,
+    addr: SocketAddr,
+    idp: &MockIdp,
+    n: usize,
+) -> Vec<(String, String)> {
+    let asks = (0..n).map(|i| {
+        let c = c.clone();
+        async move {
+            let url = format!(
+                "http://{addr}/authentication?account={}&proto=imap",
+                account(i)
+            );
+            let got = match c.get(&url).send().await {
+                Ok(r) if r.status() == 200 => {
+                    let body: serde_json::Value = r.json().await.unwrap_or_default();
+                    match body["accessToken"].as_str() {
+                        Some(t) => idp.check_valid(t).err(),
+                        None => Some(format!("no token in {body}")),
+                    }
+                }
+                Ok(r) => Some(format!(
+                    "{}: {}",
+                    r.status(),
+                    r.text().await.unwrap_or_default()
+                )),
+                Err(e) => Some(e.to_string()),
+            };
+            got.map(|why| (account(i), why))
+        }
+    });
+    futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_at_random_moments_under_refresh_traffic_loses_no_account() {
+    let terms: usize = std::env::var("TERM_SIGNALS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let seed = match std::env::var("CRASH_SEED") {
+        Ok(s) if s == "random" => fastrand::u64(..),
+        Ok(s) => s.parse().expect("CRASH_SEED: a number or `random`"),
+        Err(_) => 0x7465_726d,
+    };
+    eprintln!("sigterm test: {terms} signals, CRASH_SEED={seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let idp = MockIdp::start().await;
+    idp.set_lifetime(Some(TERM_LIFETIME));
+    idp.with(|s| {
+        s.rotate = true;
+        // Strict: a spent refresh token is refused, whenever (no grace for lost answers).
+        s.reuse_grace = None;
+        s.delay = TERM_DELAY;
+        s.valid_refresh_tokens = Some((0..TERM_ACCOUNTS).map(config_token).collect());
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let cfg = accounts_config(dir.path(), &idp, TERM_ACCOUNTS);
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let flags = [
+        "--prewarm-concurrency",
+        "64",
+        "--provider-concurrency",
+        "64",
+        "--shutdown-grace",
+        "5s",
+    ];
+    let mut problems = Vec::new();
+    let mut signals_with_calls_in_flight = 0;
+    let started = Instant::now();
+    for round in 0..=terms {
+        let sc = spawn_with(&cfg, &state, &flags);
+        if round % 4 == 3 {
+            // During start-up and pre-warm: every account refreshing at once.
+            tokio::time::sleep(Duration::from_millis(rng.u64(0..400))).await;
+        } else {
+            assert!(wait_ready(&c, sc.addr).await, "round {round}: never ready");
+            // Pre-warm spent every persisted token: an account lost by the previous stop
+            // answers 403 invalid_grant here.
+            for (acct, why) in accounts_failing(&c, sc.addr, &idp, TERM_ACCOUNTS).await {
+                problems.push(format!("round {round}: {acct}: {why}"));
+            }
+            if round == terms {
+                sc.kill();
+                break;
+            }
+            // Refresh traffic (and some requests) until a random moment.
+            let until = Instant::now() + Duration::from_millis(rng.u64(0..2000));
+            while Instant::now() < until {
+                let url = format!(
+                    "http://{}/authentication?account={}&proto=imap",
+                    sc.addr,
+                    account(rng.usize(0..TERM_ACCOUNTS))
+                );
+                let _ = c.get(&url).send().await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        signals_with_calls_in_flight += usize::from(idp.with(|s| s.inflight) > 0);
+        let status = sc.terminate(Duration::from_secs(15)).await;
+        if !status.success() {
+            problems.push(format!("round {round}: exit {status}"));
+        }
+        // Every account's token on disk (or the config's, if it never rotated) must be the
+        // one the provider accepts now: a rotation answered after the stop began and not
+        // written, or sent and not awaited, shows up here.
+        match read_state_of(&state, TERM_ACCOUNTS) {
+            Err(e) => problems.push(format!("round {round}: {e}")),
+            Ok((persisted, _)) => idp.with(|s| {
+                let live = s.valid_refresh_tokens.as_ref().unwrap();
+                for i in 0..TERM_ACCOUNTS {
+                    let tok = persisted
+                        .get(&account(i))
+                        .cloned()
+                        .unwrap_or_else(|| config_token(i));
+                    if !live.contains(&tok) {
+                        problems.push(format!(
+                            "round {round}: {} persisted a token the provider no longer accepts",
+                            account(i)
+                        ));
+                    }
+                }
+            }),
+        }
+    }
+    let (rotations, reuse) = idp.with(|s| (s.spent.len(), s.reuse_detected));
+    eprintln!(
+        "sigterm test: {terms} signals in {:?}, {signals_with_calls_in_flight} with provider calls in flight, {rotations} rotations, {} problems",
+        started.elapsed(),
+        problems.len()
+    );
+    assert!(
+        problems.is_empty(),
+        "{} problems: {:#?}",
+        problems.len(),
+        problems
+    );
+    assert_eq!(reuse, 0, "a spent refresh token was sent again");
+    assert!(
+        signals_with_calls_in_flight >= terms / 2,
+        "too few signals landed while calls were in flight ({signals_with_calls_in_flight}) to mean anything"
+    );
 }

@@ -181,6 +181,7 @@ async fn metrics_families_are_present_and_move_with_requests_refreshes_and_reloa
         "ee_auth_config_last_reload_success_timestamp_seconds gauge",
         "ee_auth_token_min_remaining_seconds gauge",
         "ee_auth_state_persist_failures_total counter",
+        "ee_auth_state_unpersisted_accounts gauge",
     ] {
         assert!(
             m.contains(&format!("# TYPE {family}")),

@@ -380,11 +380,21 @@ pub struct TokenCache {
     /// Refresh queues by provider name, made (and their tasks started) on first use.
     refreshes: Mutex<HashMap<Arc<str>, Arc<RefreshQueue>>>,
     next_generation: std::sync::atomic::AtomicU64,
+    /// Set once shutdown began: no fetch starts any more.
+    closing: std::sync::atomic::AtomicBool,
     upstream: Arc<Upstream>,
     policy: Policy,
     metrics: Arc<Metrics>,
     /// Providers already warned about an `expires_in` over [`schedule::MAX_LIFETIME`].
     long_lifetime_warned: Mutex<std::collections::HashSet<Arc<str>>>,
+}
+
+/// The answer to a request that would need a fetch once shutdown began.
+fn shutting_down() -> CacheError {
+    CacheError::Unavailable {
+        retry_after: Duration::from_secs(1),
+        reason: "the sidecar is shutting down".into(),
+    }
 }
 
 impl Drop for TokenCache {
@@ -419,6 +429,7 @@ impl TokenCache {
             keys: Mutex::new(HashMap::with_capacity(expected_keys)),
             refreshes: Mutex::default(),
             next_generation: std::sync::atomic::AtomicU64::new(1),
+            closing: std::sync::atomic::AtomicBool::new(false),
             upstream,
             policy,
             metrics,
@@ -557,7 +568,11 @@ impl TokenCache {
                     Step::Join(f.clone(), Source::Joined)
                 } else if let Some(fail) = rec.failure.as_ref().filter(|f| f.retry_at > now) {
                     let until = schedule::hold_until(now, deadline, fail.retry_at);
-                    if !hold || fail.error.class == ErrorClass::Permanent || until <= now {
+                    if !hold
+                        || fail.error.class == ErrorClass::Permanent
+                        || until <= now
+                        || self.is_closing()
+                    {
                         return Err(self.failure_error(set, fail, now));
                     }
                     // Woken early when an attempt starts (the refresh queue's, an admin
@@ -565,7 +580,10 @@ impl TokenCache {
                     let news = rec.waiters.get_or_insert_with(Default::default).clone();
                     Step::Sleep(until, news.notified_owned())
                 } else {
-                    Step::Join(self.start_flight(rec, None), Source::Miss)
+                    match self.start_flight(rec, None) {
+                        Some(f) => Step::Join(f, Source::Miss),
+                        None => return Err(shutting_down()),
+                    }
                 }
             };
             match step {
@@ -651,13 +669,19 @@ impl TokenCache {
 
     /// Starts the fetch for a record (caller holds the lock and checked none is running).
     /// A background refresh passes its queue's slot, given back when the fetch ends.
+    /// Starts nothing once shutdown began ([`TokenCache::close`]): `None`.
     fn start_flight(
         self: &Arc<Self>,
         rec: &mut KeyRecord,
         slot: Option<OwnedSemaphorePermit>,
-    ) -> Flight {
+    ) -> Option<Flight> {
+        // Read under the key map's lock, which `close` takes to set it: a flight is either
+        // started before shutdown began, or not at all.
+        if self.is_closing() {
+            return None;
+        }
         let fetch = self.clone().run_fetch(rec.set.clone(), rec.generation);
-        self.spawn_flight(rec, slot, fetch)
+        Some(self.spawn_flight(rec, slot, fetch))
     }
 
     /// Runs `fetch` in a task of its own as the record's flight. A fetch that panics ends
@@ -812,12 +836,24 @@ impl TokenCache {
         generation: u64,
         e: ProviderError,
     ) -> Arc<ProviderError> {
+        let mut keys = self.lock();
+        if e.code == crate::upstream::SHUTTING_DOWN && self.upstream.is_closed() {
+            // Never sent: shutdown began while it waited its turn. Not a provider
+            // failure, nothing to retry in this process.
+            if let Some(rec) = keys
+                .get_mut(&set.key)
+                .filter(|r| r.generation == generation)
+            {
+                rec.inflight = None;
+            }
+            tracing::debug!(account = %set.key.account, "refresh not sent: shutting down");
+            return Arc::new(e);
+        }
         let outcome = match e.class {
             ErrorClass::Transient => RefreshOutcome::Transient,
             ErrorClass::Permanent => RefreshOutcome::Permanent,
         };
         self.metrics.refresh(&set.provider_name, outcome);
-        let mut keys = self.lock();
         if let Some(rec) = keys
             .get_mut(&set.key)
             .filter(|r| r.generation == generation)
@@ -1014,7 +1050,7 @@ impl TokenCache {
         if has_token || backing_off {
             return None;
         }
-        Some(self.start_flight(rec, None))
+        self.start_flight(rec, None)
     }
 
     /// Fetches a new token for `set` now, even if the cached one is fresh (admin action);
@@ -1028,7 +1064,7 @@ impl TokenCache {
             let rec = self.record_for(&mut keys, set);
             match &rec.inflight {
                 Some(f) => f.clone(),
-                None => self.start_flight(rec, None),
+                None => self.start_flight(rec, None).ok_or_else(shutting_down)?,
             }
         };
         match tokio::time::timeout(self.policy.request_wait, flight).await {
@@ -1081,12 +1117,45 @@ impl TokenCache {
         }
     }
 
-    /// Fetches under way (shutdown waits for them so a rotation being persisted completes).
+    /// Fetches under way.
     pub fn in_flight(&self) -> Vec<Flight> {
         self.lock()
             .values()
             .filter_map(|r| r.inflight.clone())
             .collect()
+    }
+
+    fn is_closing(&self) -> bool {
+        self.closing.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Begins shutdown: from this instant no fetch starts (requests, refresh queues,
+    /// pre-warm, reloads, admin refreshes) and no upstream call is sent; calls already
+    /// sent go on ([`Upstream::drain`] waits for them).
+    pub fn close(&self) {
+        {
+            let mut keys = self.lock();
+            self.closing
+                .store(true, std::sync::atomic::Ordering::Release);
+            // Requests held through a back-off stop waiting for an attempt that will not
+            // start (answered 429 at once, see `fetch_or_join`).
+            for rec in keys.values_mut() {
+                wake(&mut rec.waiters);
+            }
+        }
+        self.upstream.close();
+        let queues = self.refreshes.lock().unwrap_or_else(|p| p.into_inner());
+        for queue in queues.values() {
+            queue
+                .closed
+                .store(true, std::sync::atomic::Ordering::Release);
+            queue.changed.notify_one();
+        }
+    }
+
+    /// The upstream the cache fetches through.
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
     }
 
     /// Runs moka's pending housekeeping now (after a mass insert such as pre-warm), so
