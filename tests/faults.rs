@@ -739,7 +739,11 @@ async fn one_account_each(idp: &MockIdp, dir: &Path, ids: &[&str]) -> Running {
         dir,
         &json!({ "providers": { "idp": oauth2_provider(idp) }, "accounts": accounts }),
     );
-    start(test_options(&cfg)).await.unwrap()
+    let mut o = test_options(&cfg);
+    // Under half the first back-off (1 s): each request sees its one attempt and is
+    // answered after it, rather than held through the retries (tests/outage.rs).
+    o.policy.request_wait = Duration::from_millis(400);
+    start(o).await.unwrap()
 }
 
 /// The admin status of an account's one credential set, as the admin API shows it.

@@ -114,11 +114,15 @@ async fn refreshes_of_tokens_issued_together_spread_over_the_jitter_window() {
     let margin = lifetime / 5.0;
     let (lo, hi) = (lifetime - 1.5 * margin, lifetime - margin);
     let slack = 0.5; // response time of the first fetch and queueing behind the cap
+                     // Measured between arrivals at the mock, while the lifetime counts from the sidecar's
+                     // send: on a loaded machine the first request can reach the mock's handler later than
+                     // the second (seen: 75 ms), so the interval looks that much shorter.
+    let early = 0.2;
     let mut buckets = [0usize; 4];
     for d in seconds.values() {
         let d = d.as_secs_f64();
         assert!(
-            d >= lo - 0.05 && d <= hi + slack,
+            d >= lo - early && d <= hi + slack,
             "refresh {d:.3}s after issue, outside [{lo}, {hi}]"
         );
         let b = (((d - lo) / (hi - lo)) * 4.0).clamp(0.0, 3.999) as usize;

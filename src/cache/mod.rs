@@ -1409,6 +1409,8 @@ mod tests {
         let cache = offline_cache(Policy {
             backoff_base: Duration::from_millis(10),
             backoff_max: Duration::from_millis(10),
+            // Answered after a short hold rather than riding the retries for 20 s.
+            request_wait: Duration::from_millis(200),
             ..Policy::default()
         });
         let set = sets(1).remove(0);
