@@ -157,6 +157,9 @@ pub struct ServeArgs {
     /// Request headers must arrive within this time; also closes idle keep-alive connections.
     #[arg(long, default_value = "30s", value_parser = duration, env = "EE_AUTH_HEADER_READ_TIMEOUT")]
     pub header_read_timeout: Duration,
+    /// A connection with no request in progress is closed after this long.
+    #[arg(long, default_value = "15s", value_parser = duration, env = "EE_AUTH_IDLE_TIMEOUT")]
+    pub idle_timeout: Duration,
 }
 
 /// `token` flags.
@@ -218,6 +221,13 @@ impl ServeArgs {
         o.shutdown_grace = self.shutdown_grace;
         o.max_connections = self.max_connections;
         o.header_read_timeout = self.header_read_timeout;
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.idle_timeout) {
+            return Err(format!(
+                "--idle-timeout must be between 1s and 1h, got {}",
+                humantime::format_duration(self.idle_timeout)
+            ));
+        }
+        o.idle_timeout = self.idle_timeout;
         Ok(o)
     }
 }

@@ -14,7 +14,9 @@
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod protocol;
 pub mod provider;

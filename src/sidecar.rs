@@ -2,7 +2,6 @@
 //! lifecycle (start, pre-warm, reload, graceful shutdown). The HTTP layer (`server`)
 //! and the file watcher (`reload`) drive it.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +18,7 @@ use crate::cache::TokenCache;
 use crate::config::{
     self, AccountKind, Config, ConfigError, ConfigErrors, CredentialKey, CredentialSet,
 };
-use crate::metrics::{Metrics, Snapshot};
+use crate::metrics::Metrics;
 use crate::state::TokenStore;
 use crate::upstream::{http_client, Upstream};
 
@@ -58,6 +57,12 @@ pub struct Options {
     pub max_connections: usize,
     /// A client must send its request headers within this time (also ends idle keep-alive).
     pub header_read_timeout: Duration,
+    /// A connection with no request in progress (fresh, or keep-alive between requests)
+    /// is closed after this long.
+    pub idle_timeout: Duration,
+    /// A forced refresh (admin API) of one credential set starts a new upstream call at
+    /// most this often.
+    pub forced_refresh_interval: Duration,
 }
 
 impl Options {
@@ -80,6 +85,8 @@ impl Options {
             shutdown_grace: Duration::from_secs(5),
             max_connections: 4096,
             header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(15),
+            forced_refresh_interval: Duration::from_secs(10),
         }
     }
 }
@@ -239,22 +246,10 @@ impl Sidecar {
             .clone()
     }
 
-    /// Renders `/metrics`.
+    /// Renders `/metrics`: the per-state counts are kept as keys change, so a scrape
+    /// costs the same with 10 or 100,000 accounts.
     pub fn render_metrics(&self) -> String {
-        let status = self.cache.status();
-        let mut counts: HashMap<&'static str, u64> = HashMap::new();
-        for s in &status {
-            *counts.entry(s.state).or_default() += 1;
-        }
-        let min_remaining = status
-            .iter()
-            .filter_map(|s| s.token_remaining_seconds)
-            .min()
-            .map(Duration::from_secs);
-        self.metrics.render(&Snapshot {
-            accounts_by_state: counts.into_iter().collect(),
-            min_remaining,
-        })
+        self.metrics.render(&self.cache.snapshot())
     }
 
     /// Re-reads the config file and, if it changed and is valid, swaps it in and applies
@@ -427,7 +422,7 @@ impl Sidecar {
 /// before it gave its result: it panicked, or its thread could not be started.
 #[derive(Debug, thiserror::Error)]
 #[error("the reload's worker thread {0}")]
-struct WorkerLost(&'static str);
+pub(crate) struct WorkerLost(&'static str);
 
 /// Runs `work` on a thread of its own at a lower CPU priority (nice +10) and waits for it.
 ///
@@ -436,7 +431,7 @@ struct WorkerLost(&'static str);
 /// (a pod with a one-CPU limit, a busy node): the hit p99 during such reloads rose from
 /// ~3 to 25 ms (BENCHMARKS.md, P5). At nice +10 the serving thread gets the core whenever
 /// it has work; the reload only takes longer when the core is busy.
-async fn at_low_priority<T: Send + 'static>(
+pub(crate) async fn at_low_priority<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, WorkerLost> {
     let (done, result) = tokio::sync::oneshot::channel();
@@ -591,6 +586,33 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Raises the open-file limit and works out how many client connections it leaves room
+/// for (logged once).
+fn connection_cap(options: &Options, config: &Config) -> usize {
+    let limit = crate::limits::raise_open_file_limit();
+    let upstream_calls = options
+        .provider_concurrency
+        .saturating_mul(config.providers.len().max(1));
+    let reserve = crate::limits::reserve(upstream_calls);
+    let cap =
+        crate::limits::connection_cap(options.max_connections, limit.map(|l| l.soft), reserve);
+    let soft = limit.map(|l| l.soft);
+    let raised_from = limit.and_then(|l| l.raised_from);
+    if cap < options.max_connections {
+        tracing::warn!(cap, max_connections = options.max_connections, open_file_limit = soft, reserved = reserve,
+            "connection cap lowered below --max-connections: the open-file limit leaves no room for more; raise the hard limit (ulimit -Hn, LimitNOFILE) to allow more");
+    } else {
+        tracing::info!(
+            cap,
+            open_file_limit = soft,
+            raised_from,
+            reserved = reserve,
+            "connection cap"
+        );
+    }
+    cap
+}
+
 /// Loads the config, binds, and starts serving, pre-warming and watching the config.
 pub async fn start(options: Options) -> Result<Running, StartError> {
     let config = config::load(&options.config_path)?;
@@ -608,6 +630,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         addr: options.listen,
         source,
     })?;
+    let max_connections = connection_cap(&options, &config);
     let (sidecar, _store) = Sidecar::new(config, options)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tracing::info!(
@@ -623,6 +646,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         listener,
         tls,
         sidecar.clone(),
+        max_connections,
         shutdown_rx.clone(),
     )));
     // The watcher starts before `start` returns; the re-read after it covers a change
