@@ -29,6 +29,8 @@ pub struct OpenFileLimit {
 /// stays as it was). `None` where the limit cannot be read.
 #[cfg(unix)]
 #[allow(unsafe_code)]
+// `rlim_t` is u64 on Linux but not on every unix.
+#[allow(clippy::useless_conversion)]
 pub fn raise_open_file_limit() -> Option<OpenFileLimit> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

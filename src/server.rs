@@ -647,7 +647,7 @@ impl SetView<'_> {
 #[derive(serde::Serialize)]
 #[serde(untagged)]
 enum SetStatus<'a> {
-    Tracked(KeyStatus),
+    Tracked(Box<KeyStatus>),
     Idle {
         account: &'a str,
         provider: &'a str,
@@ -672,7 +672,7 @@ fn set_view<'a>(
         }
     }
     let status = match status {
-        Some(s) => SetStatus::Tracked(s),
+        Some(s) => SetStatus::Tracked(Box::new(s)),
         None => SetStatus::Idle {
             account: &set.key.account,
             provider: &set.provider_name,
