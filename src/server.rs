@@ -359,9 +359,10 @@ async fn admin(
             let page = Page::parse(req.uri().query())?;
             let sidecar = sidecar.clone();
             // Sorting and rendering every account is proportional to the map (100k
-            // accounts: tens of MB of JSON): done on a low-priority thread, taking the
-            // cache's lock for one chunk of accounts at a time.
-            let body = crate::sidecar::at_low_priority(move || list(&sidecar, &config, &page))
+            // accounts: tens of MB of JSON): done off the serving thread, taking the
+            // cache's lock for one chunk of accounts at a time. Not at a lower priority
+            // (as reloads are): a thread holding that lock must not be starved by others.
+            let body = tokio::task::spawn_blocking(move || list(&sidecar, &config, &page))
                 .await
                 .map_err(|_| ServeError::ListFailed)?;
             Ok(json_response(StatusCode::OK, body))
@@ -427,7 +428,7 @@ async fn admin(
 }
 
 /// Accounts the admin list renders per hold of the cache's lock.
-const LIST_CHUNK: usize = 256;
+const LIST_CHUNK: usize = 128;
 /// The largest `limit` the admin list takes.
 const MAX_LIMIT: usize = 1_000_000;
 
@@ -490,7 +491,7 @@ impl Page {
     }
 }
 
-/// Renders the admin list (runs off the serving thread).
+/// Renders the admin list (runs on tokio's blocking pool).
 fn list(sidecar: &Sidecar, config: &Config, page: &Page) -> Bytes {
     let mut ids: Vec<&Arc<str>> = config.accounts.keys().collect();
     ids.sort_unstable();

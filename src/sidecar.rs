@@ -422,7 +422,7 @@ impl Sidecar {
 /// before it gave its result: it panicked, or its thread could not be started.
 #[derive(Debug, thiserror::Error)]
 #[error("the reload's worker thread {0}")]
-pub(crate) struct WorkerLost(&'static str);
+struct WorkerLost(&'static str);
 
 /// Runs `work` on a thread of its own at a lower CPU priority (nice +10) and waits for it.
 ///
@@ -431,7 +431,7 @@ pub(crate) struct WorkerLost(&'static str);
 /// (a pod with a one-CPU limit, a busy node): the hit p99 during such reloads rose from
 /// ~3 to 25 ms (BENCHMARKS.md, P5). At nice +10 the serving thread gets the core whenever
 /// it has work; the reload only takes longer when the core is busy.
-pub(crate) async fn at_low_priority<T: Send + 'static>(
+async fn at_low_priority<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, WorkerLost> {
     let (done, result) = tokio::sync::oneshot::channel();
