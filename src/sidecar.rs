@@ -451,7 +451,7 @@ async fn at_low_priority<T: Send + 'static>(
 /// Best effort: without it a reload only competes as before.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-fn lower_this_threads_priority() {
+pub(crate) fn lower_this_threads_priority() {
     // SAFETY: nice takes no pointers; it only lowers this thread's scheduling weight.
     unsafe {
         libc::nice(10);
@@ -459,7 +459,7 @@ fn lower_this_threads_priority() {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn lower_this_threads_priority() {}
+pub(crate) fn lower_this_threads_priority() {}
 
 /// Hands memory freed after a config load back to the OS. Parsing a big map makes many
 /// short-lived allocations, and glibc otherwise keeps the freed pages: the process would
