@@ -11,8 +11,9 @@
 #   - GET /metrics (one scrape);
 # and runs wrk on the token endpoint (random account per request, 8 connections) twice:
 # alone, then while one client loops over the whole list and four poll /metrics without
-# pause. Prints the token p50/p99 of both runs. Everything stops by itself; nothing leaves
-# loopback. Servers on the first allowed CPU and clients on the second when `taskset` is there.
+# pause (all clients on the second CPU). Prints the token p50/p99 of both runs, and how
+# many lists and scrapes the pollers completed meanwhile. Everything stops by itself;
+# nothing leaves loopback. Servers on the first allowed CPU and clients on the second when `taskset` is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -90,7 +91,7 @@ for n in "${SIZES[@]}"; do
   read -r a50 a99 _ < <(token_latency "$SIDE_PORT" "$n")
   # Pollers: one client fetching the whole list in a loop, four scraping /metrics.
   : >"$work/polls"
-  poll() { while :; do curl -fsS -o /dev/null -H "Authorization: $AUTH" "$1" && echo "$2" >>"$work/polls"; done; }
+  poll() { while :; do "${CLIENT_PIN[@]}" curl -fsS -o /dev/null -H "Authorization: $AUTH" "$1" && echo "$2" >>"$work/polls"; done; }
   poll "$base/v1/accounts" list & p1=$!
   poll "$base/metrics" scrape & p2=$!
   poll "$base/metrics" scrape & p3=$!
