@@ -160,6 +160,9 @@ pub struct ServeArgs {
     /// A connection with no request in progress is closed after this long.
     #[arg(long, default_value = "15s", value_parser = duration, env = "EE_AUTH_IDLE_TIMEOUT")]
     pub idle_timeout: Duration,
+    /// A forced refresh (admin API) starts a new call for a credential set at most this often.
+    #[arg(long, default_value = "10s", value_parser = duration, env = "EE_AUTH_FORCED_REFRESH_INTERVAL")]
+    pub forced_refresh_interval: Duration,
 }
 
 /// `token` flags.
@@ -228,6 +231,13 @@ impl ServeArgs {
             ));
         }
         o.idle_timeout = self.idle_timeout;
+        if self.forced_refresh_interval > Duration::from_secs(3600) {
+            return Err(format!(
+                "--forced-refresh-interval must be at most 1h, got {}",
+                humantime::format_duration(self.forced_refresh_interval)
+            ));
+        }
+        o.forced_refresh_interval = self.forced_refresh_interval;
         Ok(o)
     }
 }
