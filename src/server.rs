@@ -695,3 +695,26 @@ fn set_view<'a>(
     };
     SetView { status, protocols }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_accept_errors_are_logged_once_per_interval_with_a_count() {
+        let mut errors = AcceptErrors::default();
+        let e = std::io::Error::from_raw_os_error(24); // EMFILE
+        errors.failed(&e);
+        let first = errors.last_logged.expect("the first one is logged");
+        for _ in 0..20 {
+            errors.failed(&e);
+        }
+        assert_eq!(errors.last_logged, Some(first), "not logged again");
+        assert_eq!(errors.unlogged, 20, "but counted");
+        // Once the interval has passed, the next one is logged with that count.
+        errors.last_logged = first.checked_sub(ACCEPT_ERROR_LOG_INTERVAL);
+        errors.failed(&e);
+        assert_eq!(errors.unlogged, 0);
+        assert_ne!(errors.last_logged, Some(first));
+    }
+}
