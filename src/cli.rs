@@ -200,6 +200,12 @@ pub struct ServeArgs {
     /// Request headers must arrive within this time; also closes idle keep-alive connections.
     #[arg(long, default_value = "30s", value_parser = duration_in(millis(100), secs(600)), env = "EE_AUTH_HEADER_READ_TIMEOUT")]
     pub header_read_timeout: Duration,
+    /// A connection with no request in progress is closed after this long.
+    #[arg(long, default_value = "15s", value_parser = duration, env = "EE_AUTH_IDLE_TIMEOUT")]
+    pub idle_timeout: Duration,
+    /// A forced refresh (admin API) starts a new call for a credential set at most this often.
+    #[arg(long, default_value = "10s", value_parser = duration, env = "EE_AUTH_FORCED_REFRESH_INTERVAL")]
+    pub forced_refresh_interval: Duration,
 }
 
 /// `token` flags.
@@ -259,6 +265,20 @@ impl ServeArgs {
         o.shutdown_grace = self.shutdown_grace;
         o.max_connections = self.max_connections;
         o.header_read_timeout = self.header_read_timeout;
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.idle_timeout) {
+            return Err(format!(
+                "--idle-timeout must be between 1s and 1h, got {}",
+                humantime::format_duration(self.idle_timeout)
+            ));
+        }
+        o.idle_timeout = self.idle_timeout;
+        if self.forced_refresh_interval > Duration::from_secs(3600) {
+            return Err(format!(
+                "--forced-refresh-interval must be at most 1h, got {}",
+                humantime::format_duration(self.forced_refresh_interval)
+            ));
+        }
+        o.forced_refresh_interval = self.forced_refresh_interval;
         Ok(o)
     }
 }

@@ -31,6 +31,23 @@ pub enum ServeError {
     /// The cache could not produce a token.
     #[error(transparent)]
     Cache(#[from] CacheError),
+    /// The admin API was asked for but no credentials are configured for it.
+    #[error("the admin API is closed: the config sets neither `adminAuth` nor `auth`; set `adminAuth` (or `auth`) to open it")]
+    AdminClosed,
+    /// A forced refresh of the same credential set ran too recently.
+    #[error("this account was force-refreshed moments ago; try again after Retry-After seconds")]
+    RefreshRateLimited(Duration),
+    /// The worker rendering the admin list died.
+    #[error("the account list could not be rendered; try again")]
+    ListFailed,
+    /// An admin query parameter has a value outside what it accepts.
+    #[error("query parameter `{name}` must be {expected}")]
+    InvalidParameter {
+        /// The parameter.
+        name: &'static str,
+        /// What it accepts.
+        expected: &'static str,
+    },
 }
 
 /// Retry-After values are kept within what EmailEngine honours (it caps them at 30 s).
@@ -42,7 +59,12 @@ impl ServeError {
         match self {
             ServeError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ServeError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ServeError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ServeError::BadRequest(_) | ServeError::InvalidParameter { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            ServeError::AdminClosed => StatusCode::FORBIDDEN,
+            ServeError::ListFailed => StatusCode::SERVICE_UNAVAILABLE,
+            ServeError::RefreshRateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ServeError::UnknownAccount | ServeError::NotFound => StatusCode::NOT_FOUND,
             ServeError::Cache(CacheError::Unavailable { .. }) => StatusCode::TOO_MANY_REQUESTS,
             ServeError::Cache(CacheError::Failed { .. }) => StatusCode::FORBIDDEN,
@@ -52,8 +74,11 @@ impl ServeError {
     /// The metric outcome.
     pub fn outcome(&self) -> Outcome {
         match self {
-            ServeError::MethodNotAllowed(_) | ServeError::BadRequest(_) => Outcome::BadRequest,
-            ServeError::Unauthorized => Outcome::Unauthorized,
+            ServeError::MethodNotAllowed(_)
+            | ServeError::BadRequest(_)
+            | ServeError::InvalidParameter { .. } => Outcome::BadRequest,
+            ServeError::Unauthorized | ServeError::AdminClosed => Outcome::Unauthorized,
+            ServeError::RefreshRateLimited(_) | ServeError::ListFailed => Outcome::Unavailable,
             ServeError::UnknownAccount | ServeError::NotFound => Outcome::NotFound,
             ServeError::Cache(CacheError::Unavailable { .. }) => Outcome::Unavailable,
             ServeError::Cache(CacheError::Failed { .. }) => Outcome::Failed,
@@ -82,7 +107,8 @@ impl ServeError {
             ServeError::MethodNotAllowed(allow) => {
                 headers.insert(header::ALLOW, HeaderValue::from_static(allow));
             }
-            ServeError::Cache(CacheError::Unavailable { retry_after, .. }) => {
+            ServeError::Cache(CacheError::Unavailable { retry_after, .. })
+            | ServeError::RefreshRateLimited(retry_after) => {
                 headers.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from(retry_after_secs(*retry_after)),

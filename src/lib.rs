@@ -14,8 +14,10 @@
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod files;
+pub mod limits;
 pub mod metrics;
 pub mod protocol;
 pub mod provider;

@@ -125,9 +125,27 @@ fn decode_component<'a>(
         return Ok(std::borrow::Cow::Borrowed(raw));
     }
     let plus_decoded = raw.replace('+', " ");
-    let bytes: Vec<u8> = percent_decode_str(&plus_decoded).collect();
-    String::from_utf8(bytes)
-        .map(std::borrow::Cow::Owned)
+    percent_decode_strict(&plus_decoded, name).map(|c| std::borrow::Cow::Owned(c.into_owned()))
+}
+
+/// Percent-decodes `raw` strictly: a `%` not followed by two hex digits (`%zz`, a
+/// trailing `%`) or bytes that are not UTF-8 are an error, never passed through.
+pub fn percent_decode_strict<'a>(
+    raw: &'a str,
+    name: &'static str,
+) -> Result<std::borrow::Cow<'a, str>, QueryError> {
+    let bytes = raw.as_bytes();
+    let well_formed = bytes.iter().enumerate().all(|(i, b)| {
+        *b != b'%'
+            || bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !well_formed {
+        return Err(QueryError::InvalidEncoding(name));
+    }
+    percent_decode_str(raw)
+        .decode_utf8()
         .map_err(|_| QueryError::InvalidEncoding(name))
 }
 
@@ -429,6 +447,18 @@ mod tests {
             parse_query(Some("account=%ff")),
             Err(QueryError::InvalidEncoding("account"))
         );
+        for bad in [
+            "account=%zz",
+            "account=a%2",
+            "account=%",
+            "account=x&proto=%g1",
+        ] {
+            assert!(
+                matches!(parse_query(Some(bad)), Err(QueryError::InvalidEncoding(_))),
+                "{bad}"
+            );
+        }
+        assert_eq!(parse_query(Some("account=%41%2f")).unwrap().account, "A/");
     }
 
     #[test]

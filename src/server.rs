@@ -15,18 +15,18 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::cache::{KeyStatus, Source};
-use crate::config::{AccountKind, Config, CredentialSet, OAuthAccount};
+use crate::cache::{KeyStatus, Source, TokenCache};
+use crate::config::{AccountKind, Config, CredentialKey, CredentialSet, OAuthAccount};
+use crate::connections::{Conn, Registry};
 use crate::error::{json_response, ServeError};
 use crate::metrics::Outcome;
 use crate::protocol::{self, parse_query, Proto};
 use crate::sidecar::Sidecar;
-use crate::state::PersistStatus;
+use crate::state::{PersistStatus, TokenStore};
 
 /// Largest request head we read; beyond it the answer is 431.
 const MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -66,10 +66,14 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
 }
 
 /// Accepts connections until shutdown, then lets open requests finish within the grace.
+///
+/// At most `max_connections` are open at once (the cap [`crate::limits`] allows); at the
+/// cap the connection idle the longest is closed to admit a new one.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     sidecar: Arc<Sidecar>,
+    max_connections: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let options = sidecar.options().clone();
@@ -79,37 +83,42 @@ pub async fn serve(
         .max_buf_size(MAX_HEADER_BYTES.max(8192))
         .max_header_size(MAX_HEADER_BYTES)
         .keep_alive(true);
-    let graceful = GracefulShutdown::new();
-    let max_connections = options.max_connections.max(1);
-    let connections = Arc::new(Semaphore::new(max_connections));
+    let registry = Registry::new(max_connections);
+    let idle_timeout = options.idle_timeout;
     // Set once shutdown begins: every response from then on says `Connection: close`.
     let draining = Arc::new(AtomicBool::new(false));
+    let mut accept_errors = AcceptErrors::default();
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    // Usually EMFILE: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    // Usually EMFILE: free a descriptor if an idle client holds one, and
+                    // back off briefly instead of spinning.
+                    accept_errors.failed(&e);
+                    registry.close_longest_idle();
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = shutdown.changed() => break,
         };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            // Over the connection cap: close at once rather than queue.
+        let Some(admitted) = registry.admit().await else {
+            // Every connection has a request in progress: close at once rather than queue.
             drop(stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
         let sidecar = sidecar.clone();
         let draining = draining.clone();
+        let conn = admitted.conn().clone();
         let service = service_fn(move |req| {
             let sidecar = sidecar.clone();
             let draining = draining.clone();
+            let in_request = conn.request();
             async move {
                 let mut resp = route(&sidecar, req).await;
+                drop(in_request);
                 if draining.load(Ordering::Relaxed) {
                     // hyper closes the connection once this response is written, so the
                     // client learns it must not send another request on it.
@@ -120,29 +129,41 @@ pub async fn serve(
             }
         });
         let http = http.clone();
-        let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let conn = admitted.conn().clone();
             match tls {
                 None => {
-                    let _ = watcher
-                        .watch(http.serve_connection(TokioIo::new(stream), service))
-                        .await;
+                    drive(
+                        http.serve_connection(TokioIo::new(stream), service),
+                        &conn,
+                        idle_timeout,
+                    )
+                    .await
                 }
                 Some(acceptor) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                    {
+                    let handshake =
+                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                    let tls_stream = tokio::select! {
+                        r = handshake => r,
+                        () = conn.close_requested() => return,
+                        () = conn.idle_for(idle_timeout) => return,
+                    };
+                    match tls_stream {
                         Ok(Ok(tls_stream)) => {
-                            let _ = watcher
-                                .watch(http.serve_connection(TokioIo::new(tls_stream), service))
-                                .await;
+                            drive(
+                                http.serve_connection(TokioIo::new(tls_stream), service),
+                                &conn,
+                                idle_timeout,
+                            )
+                            .await;
                         }
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
                 }
             }
+            drop(admitted);
         });
     }
     let deadline = tokio::time::Instant::now() + options.shutdown_grace;
@@ -153,16 +174,65 @@ pub async fn serve(
     // connections first get a short drain: each one closes after its next response
     // (which says `Connection: close`), and only the ones still idle after it are closed.
     let drain_until = tokio::time::Instant::now() + MAX_DRAIN.min(options.shutdown_grace / 2);
-    while connections.available_permits() < max_connections
-        && tokio::time::Instant::now() < drain_until
-    {
+    while registry.open() > 0 && tokio::time::Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    if tokio::time::timeout_at(deadline, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open at the end of the shutdown grace period");
+    registry.close_all();
+    while registry.open() > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!("connections still open at the end of the shutdown grace period");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Runs one connection until it ends; when it is asked to close (cap reached, shutdown)
+/// or has been idle for `idle_timeout`, it closes once its request in progress, if any,
+/// is answered.
+async fn drive<I, S>(
+    connection: hyper::server::conn::http1::Connection<I, S>,
+    conn: &Conn,
+    idle_timeout: Duration,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = Full<Bytes>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => return,
+        () = conn.close_requested() => {}
+        () = conn.idle_for(idle_timeout) => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    let _ = connection.await;
+}
+
+/// Accept errors, logged at most once per [`ACCEPT_ERROR_LOG_INTERVAL`] with a count of
+/// the ones not logged: out of descriptors, accept fails again at once, many times a second.
+#[derive(Default)]
+struct AcceptErrors {
+    last_logged: Option<Instant>,
+    unlogged: u64,
+}
+
+/// See [`AcceptErrors`].
+const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+impl AcceptErrors {
+    fn failed(&mut self, e: &std::io::Error) {
+        let now = Instant::now();
+        if self
+            .last_logged
+            .is_some_and(|t| now.saturating_duration_since(t) < ACCEPT_ERROR_LOG_INTERVAL)
+        {
+            self.unlogged = self.unlogged.saturating_add(1);
+            return;
+        }
+        tracing::warn!(error = %e, not_logged_since_last = self.unlogged, "accept failed (logged at most every 10 s)");
+        self.last_logged = Some(now);
+        self.unlogged = 0;
     }
 }
 
@@ -268,55 +338,61 @@ async fn answer(
     Ok((body, outcome))
 }
 
-/// `/v1/accounts[/{id}[/refresh]]`: status and forced refresh, behind admin credentials.
+/// `/v1/accounts[/{id}[/refresh]]`: status and forced refresh, behind admin credentials;
+/// closed when the config has none.
 async fn admin(
     sidecar: &Arc<Sidecar>,
     req: &Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ServeError> {
     let config = sidecar.config().clone();
-    if let Some(auth) = &config.admin_auth {
-        let header = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .map(HeaderValue::as_bytes);
-        if !auth.matches(header) {
-            return Err(ServeError::Unauthorized);
-        }
+    let Some(auth) = &config.admin_auth else {
+        return Err(ServeError::AdminClosed);
+    };
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    if !auth.matches(header) {
+        return Err(ServeError::Unauthorized);
     }
     let rest = req.uri().path().trim_start_matches("/v1/accounts");
     let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     let decode = |s: &str| -> Result<String, ServeError> {
-        percent_encoding::percent_decode_str(s)
-            .decode_utf8()
-            .map(|c| c.into_owned())
-            .map_err(|_| ServeError::BadRequest(protocol::QueryError::InvalidEncoding("account")))
+        Ok(protocol::percent_decode_strict(s, "account")?.into_owned())
     };
     let json = |status: StatusCode, v: serde_json::Value| {
         json_response(status, Bytes::from(v.to_string()))
     };
     match (req.method(), segments.as_slice()) {
         (&Method::GET, []) => {
-            let status = sidecar.cache().status();
-            let mut ids: Vec<&str> = config.accounts.keys().map(|k| &**k).collect();
-            ids.sort_unstable();
-            let unpersisted = sidecar.token_store().unpersisted();
-            let accounts: Vec<_> = ids
-                .into_iter()
-                .filter_map(|id| {
-                    account_json(&config, &status, id).map(|v| with_persist(v, &unpersisted, id))
+            let page = Page::parse(req.uri().query())?;
+            let sidecar = sidecar.clone();
+            // Sorting and rendering every account is proportional to the map (100k
+            // accounts: tens of MB of JSON): done on a thread of its own, reading the
+            // cache under its lock one chunk of accounts at a time, at normal priority
+            // (a thread holding that lock must not be starved by others), then
+            // rendering at nice +10, as reloads do (BENCHMARKS.md, item 8).
+            let (done, rendered) = tokio::sync::oneshot::channel();
+            std::thread::Builder::new()
+                .name("ee-admin-list".into())
+                .spawn(move || {
+                    let body = list(
+                        &sidecar,
+                        &config,
+                        &page,
+                        crate::sidecar::lower_this_threads_priority,
+                    );
+                    let _ = done.send(body);
                 })
-                .collect();
-            Ok(json(
-                StatusCode::OK,
-                serde_json::json!({ "config": sidecar.reload_status(), "ready": sidecar.is_ready(), "accounts": accounts }),
-            ))
+                .map_err(|_| ServeError::ListFailed)?;
+            let body = rendered.await.map_err(|_| ServeError::ListFailed)?;
+            Ok(json_response(StatusCode::OK, body))
         }
         (&Method::GET, [id]) => {
             let id = decode(id)?;
-            account_json(&config, &sidecar.cache().status(), &id)
-                .map(|v| with_persist(v, &sidecar.token_store().unpersisted(), &id))
-                .map(|v| json(StatusCode::OK, v))
-                .ok_or(ServeError::UnknownAccount)
+            let account = config.account(&id).ok_or(ServeError::UnknownAccount)?;
+            let view = account_view(sidecar.cache(), sidecar.token_store(), &id, account);
+            Ok(json_response(StatusCode::OK, to_json_bytes(&view)))
         }
         (&Method::POST, [id, "refresh"]) => {
             let id = decode(id)?;
@@ -336,13 +412,20 @@ async fn admin(
                     sets.push(set);
                 }
             }
+            // A forced refresh ignores back-off, so it is the one way to make the sidecar
+            // call a provider at will: at most one new call per set per interval.
+            let interval = sidecar.options().forced_refresh_interval;
+            if let Some(wait) = sidecar.cache().forced_refresh_wait(&sets, interval) {
+                return Err(ServeError::RefreshRateLimited(wait));
+            }
             let mut results = Vec::with_capacity(sets.len());
             let mut failed = 0;
             for set in sets {
                 // Sequential on purpose: sets of one account share its refresh token.
                 let outcome = sidecar.cache().force_refresh(set).await;
-                let status = sidecar.cache().status();
-                let mut v = set_json(o, &status, set);
+                let status = sidecar.cache().status_of(&[&set.key]).pop().flatten();
+                let mut v = serde_json::to_value(set_view(o, status, set))
+                    .unwrap_or(serde_json::Value::Null);
                 v["refreshed"] = serde_json::Value::Bool(outcome.is_ok());
                 if let Err(e) = outcome {
                     failed += 1;
@@ -365,48 +448,276 @@ async fn admin(
     }
 }
 
-/// Adds `persist` to an account whose newest refresh token exists only in memory: the
-/// OS reason its write failed (or that there is no `--state-dir`), since when, how many
-/// writes failed, and when the next is tried. Absent when the token is on disk.
-fn with_persist(
-    mut v: serde_json::Value,
-    unpersisted: &std::collections::HashMap<Arc<str>, PersistStatus>,
-    id: &str,
-) -> serde_json::Value {
-    if let Some(p) = unpersisted.get(id) {
-        v["persist"] = serde_json::json!({
-            "state": "memory_only",
-            "error": p.error,
-            "since": humantime::format_rfc3339_seconds(p.since).to_string(),
-            "failedWrites": p.attempts,
-            "retryInSeconds": p.retry_in.map(|d| d.as_secs()),
-        });
+/// Accounts the admin list renders per hold of the cache's lock.
+const LIST_CHUNK: usize = 128;
+/// The largest `limit` the admin list takes.
+const MAX_LIMIT: usize = 1_000_000;
+
+/// `GET /v1/accounts?limit=&offset=&state=`: a page of the accounts sorted by id, and
+/// optionally only those with a credential set in `state`.
+struct Page {
+    limit: usize,
+    offset: usize,
+    state: Option<&'static str>,
+}
+
+/// The values `state=` takes.
+const STATES: [&str; 5] = [
+    "ok",
+    "refreshing",
+    "failing_transient",
+    "failed_permanent",
+    "idle",
+];
+
+impl Page {
+    fn parse(query: Option<&str>) -> Result<Page, ServeError> {
+        let mut page = Page {
+            limit: MAX_LIMIT,
+            offset: 0,
+            state: None,
+        };
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match name {
+                "limit" => {
+                    page.limit = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_LIMIT).contains(n))
+                        .ok_or(ServeError::InvalidParameter {
+                            name: "limit",
+                            expected: "a whole number from 1 to 1000000",
+                        })?;
+                }
+                "offset" => {
+                    page.offset = value.parse().map_err(|_| ServeError::InvalidParameter {
+                        name: "offset",
+                        expected: "a whole number, 0 or more",
+                    })?;
+                }
+                "state" => {
+                    page.state = Some(STATES.into_iter().find(|s| *s == value).ok_or(
+                        ServeError::InvalidParameter {
+                            name: "state",
+                            expected:
+                                "one of ok, refreshing, failing_transient, failed_permanent, idle",
+                        },
+                    )?);
+                }
+                _ => {}
+            }
+        }
+        Ok(page)
     }
-    v
+}
+
+/// Renders the admin list (on a thread of its own; see the caller).
+fn list(sidecar: &Sidecar, config: &Config, page: &Page, then_lower_priority: fn()) -> Bytes {
+    let mut ids: Vec<&Arc<str>> = config.accounts.keys().collect();
+    ids.sort_unstable();
+    let end = page.offset.saturating_add(page.limit);
+    // Without a filter, only the page's accounts need their status.
+    let candidates: &[&Arc<str>] = match page.state {
+        None => ids
+            .get(page.offset.min(ids.len())..end.min(ids.len()))
+            .unwrap_or(&[]),
+        Some(_) => &ids,
+    };
+    let mut matched = 0usize;
+    let mut shown = Vec::new();
+    for chunk in candidates.chunks(LIST_CHUNK) {
+        for view in chunk_views(sidecar.cache(), sidecar.token_store(), config, chunk) {
+            if let Some(state) = page.state {
+                if !view.credential_sets.iter().any(|s| s.state() == state) {
+                    continue;
+                }
+                matched += 1;
+                if matched <= page.offset || matched > end {
+                    continue;
+                }
+            }
+            shown.push(view);
+        }
+    }
+    // The cache's lock is no longer needed: the rest (most of the CPU) may yield to
+    // the serving thread.
+    then_lower_priority();
+    let total = if page.state.is_some() {
+        matched
+    } else {
+        ids.len()
+    };
+    let mut out = Vec::with_capacity(256 + shown.len() * 512);
+    out.extend_from_slice(b"{\"config\":");
+    let _ = serde_json::to_writer(&mut out, &sidecar.reload_status());
+    out.extend_from_slice(if sidecar.is_ready() {
+        b",\"ready\":true,\"accounts\":"
+    } else {
+        b",\"ready\":false,\"accounts\":"
+    });
+    let _ = serde_json::to_writer(&mut out, &shown);
+    out.extend_from_slice(format!(",\"total\":{total},\"offset\":{}", page.offset).as_bytes());
+    if end < total {
+        out.extend_from_slice(format!(",\"nextOffset\":{end}").as_bytes());
+    }
+    out.push(b'}');
+    Bytes::from(out)
+}
+
+/// Views of a few accounts, their statuses read under one hold of the cache's lock.
+fn chunk_views<'a>(
+    cache: &TokenCache,
+    store: &TokenStore,
+    config: &'a Config,
+    ids: &[&'a Arc<str>],
+) -> Vec<AccountView<'a>> {
+    let accounts: Vec<(&'a str, &'a Arc<crate::config::Account>)> = ids
+        .iter()
+        .filter_map(|id| config.account(id).map(|a| (&***id, a)))
+        .collect();
+    let keys: Vec<&CredentialKey> = accounts
+        .iter()
+        .flat_map(|(_, a)| match &a.kind {
+            AccountKind::OAuth(o) => o.sets().into_iter().map(|s| &s.key).collect(),
+            AccountKind::Fixed(_) => Vec::new(),
+        })
+        .collect();
+    let mut statuses = cache.status_of(&keys).into_iter();
+    accounts
+        .into_iter()
+        .map(|(id, account)| match &account.kind {
+            AccountKind::Fixed(_) => AccountView {
+                id,
+                kind: "fixed",
+                credential_sets: Vec::new(),
+                persist: None,
+            },
+            AccountKind::OAuth(o) => AccountView {
+                id,
+                kind: "oauth2",
+                credential_sets: o
+                    .sets()
+                    .into_iter()
+                    .map(|set| set_view(o, statuses.next().flatten(), set))
+                    .collect(),
+                persist: store.persist_status(id).map(PersistView::from),
+            },
+        })
+        .collect()
 }
 
 /// One account for the admin API: every credential set it has, fetched yet or not.
-fn account_json(config: &Config, status: &[KeyStatus], id: &str) -> Option<serde_json::Value> {
-    let account = config.account(id)?;
-    Some(match &account.kind {
-        AccountKind::Fixed(_) => {
-            serde_json::json!({ "id": id, "type": "fixed", "credentialSets": [] })
-        }
+fn account_view<'a>(
+    cache: &TokenCache,
+    store: &TokenStore,
+    id: &'a str,
+    account: &'a crate::config::Account,
+) -> AccountView<'a> {
+    match &account.kind {
+        AccountKind::Fixed(_) => AccountView {
+            id,
+            kind: "fixed",
+            credential_sets: Vec::new(),
+            persist: None,
+        },
         AccountKind::OAuth(o) => {
-            let sets: Vec<_> = o
-                .sets()
-                .into_iter()
-                .map(|s| set_json(o, status, s))
-                .collect();
-            serde_json::json!({ "id": id, "type": "oauth2", "credentialSets": sets })
+            let sets = o.sets();
+            let keys: Vec<&CredentialKey> = sets.iter().map(|s| &s.key).collect();
+            let statuses = cache.status_of(&keys);
+            AccountView {
+                id,
+                kind: "oauth2",
+                credential_sets: sets
+                    .into_iter()
+                    .zip(statuses)
+                    .map(|(set, status)| set_view(o, status, set))
+                    .collect(),
+                persist: store.persist_status(id).map(PersistView::from),
+            }
         }
-    })
+    }
 }
 
-/// A credential set's status (never a token), with the protocols it serves; `idle` when
-/// the cache has never been asked for it.
-fn set_json(o: &OAuthAccount, status: &[KeyStatus], set: &CredentialSet) -> serde_json::Value {
-    let mut protocols: Vec<&str> = Vec::new();
+fn to_json_bytes<T: serde::Serialize>(v: &T) -> Bytes {
+    Bytes::from(serde_json::to_vec(v).unwrap_or_default())
+}
+
+/// An account as the admin API shows it.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AccountView<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    credential_sets: Vec<SetView<'a>>,
+    /// Present while the account's newest refresh token exists only in memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    persist: Option<PersistView>,
+}
+
+/// Why an account's newest refresh token is not on disk yet: the OS reason of the last
+/// failed write (or that there is no `--state-dir`), since when, how many writes failed,
+/// and when the next is tried.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PersistView {
+    state: &'static str,
+    error: String,
+    since: String,
+    failed_writes: u32,
+    retry_in_seconds: Option<u64>,
+}
+
+impl From<PersistStatus> for PersistView {
+    fn from(p: PersistStatus) -> Self {
+        PersistView {
+            state: "memory_only",
+            error: p.error,
+            since: humantime::format_rfc3339_seconds(p.since).to_string(),
+            failed_writes: p.attempts,
+            retry_in_seconds: p.retry_in.map(|d| d.as_secs()),
+        }
+    }
+}
+
+/// A credential set's status (never a token), with the protocols it serves.
+#[derive(serde::Serialize)]
+struct SetView<'a> {
+    #[serde(flatten)]
+    status: SetStatus<'a>,
+    protocols: Vec<&'static str>,
+}
+
+impl SetView<'_> {
+    fn state(&self) -> &'static str {
+        match &self.status {
+            SetStatus::Tracked(s) => s.state,
+            SetStatus::Idle { state, .. } => state,
+        }
+    }
+}
+
+/// A tracked set's full status, or `idle` when the cache has never been asked for it.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum SetStatus<'a> {
+    Tracked(Box<KeyStatus>),
+    Idle {
+        account: &'a str,
+        provider: &'a str,
+        grant: &'static str,
+        scopes: &'a [String],
+        state: &'static str,
+    },
+}
+
+fn set_view<'a>(
+    o: &OAuthAccount,
+    status: Option<KeyStatus>,
+    set: &'a CredentialSet,
+) -> SetView<'a> {
+    let mut protocols: Vec<&'static str> = Vec::new();
     if o.set_for(None).key == set.key {
         protocols.push("default");
     }
@@ -415,24 +726,40 @@ fn set_json(o: &OAuthAccount, status: &[KeyStatus], set: &CredentialSet) -> serd
             protocols.push(p.as_str());
         }
     }
-    let found = status.iter().find(|s| {
-        *s.account == *set.key.account
-            && s.provider == *set.provider_name
-            && s.grant == set.grant.as_str()
-            && s.scopes == set.scopes
-    });
-    let mut v = match found.and_then(|s| serde_json::to_value(s).ok()) {
-        Some(v) => v,
-        None => serde_json::json!({
-            "account": &*set.key.account,
-            "provider": &*set.provider_name,
-            "grant": set.grant.as_str(),
-            "scopes": set.scopes,
-            "state": "idle",
-        }),
+    let status = match status {
+        Some(s) => SetStatus::Tracked(Box::new(s)),
+        None => SetStatus::Idle {
+            account: &set.key.account,
+            provider: &set.provider_name,
+            grant: set.grant.as_str(),
+            scopes: &set.scopes,
+            state: "idle",
+        },
     };
-    v["protocols"] = serde_json::json!(protocols);
-    v
+    SetView { status, protocols }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_accept_errors_are_logged_once_per_interval_with_a_count() {
+        let mut errors = AcceptErrors::default();
+        let e = std::io::Error::from_raw_os_error(24); // EMFILE
+        errors.failed(&e);
+        let first = errors.last_logged.expect("the first one is logged");
+        for _ in 0..20 {
+            errors.failed(&e);
+        }
+        assert_eq!(errors.last_logged, Some(first), "not logged again");
+        assert_eq!(errors.unlogged, 20, "but counted");
+        // Once the interval has passed, the next one is logged with that count.
+        errors.last_logged = first.checked_sub(ACCEPT_ERROR_LOG_INTERVAL);
+        errors.failed(&e);
+        assert_eq!(errors.unlogged, 0);
+        assert_ne!(errors.last_logged, Some(first));
+    }
 }
 
 /// WARN lines for the two likeliest wiring mistakes, which otherwise show only in a

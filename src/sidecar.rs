@@ -2,7 +2,6 @@
 //! lifecycle (start, pre-warm, reload, graceful shutdown). The HTTP layer (`server`)
 //! and the file watcher (`reload`) drive it.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +18,7 @@ use crate::cache::TokenCache;
 use crate::config::{
     self, AccountKind, Config, ConfigError, ConfigErrors, CredentialKey, CredentialSet,
 };
-use crate::metrics::{Metrics, Snapshot};
+use crate::metrics::Metrics;
 use crate::provider::Grant;
 use crate::state::TokenStore;
 use crate::upstream::{http_client, SentCall, Upstream};
@@ -59,6 +58,12 @@ pub struct Options {
     pub max_connections: usize,
     /// A client must send its request headers within this time (also ends idle keep-alive).
     pub header_read_timeout: Duration,
+    /// A connection with no request in progress (fresh, or keep-alive between requests)
+    /// is closed after this long.
+    pub idle_timeout: Duration,
+    /// A forced refresh (admin API) of one credential set starts a new upstream call at
+    /// most this often.
+    pub forced_refresh_interval: Duration,
 }
 
 impl Options {
@@ -81,6 +86,8 @@ impl Options {
             shutdown_grace: Duration::from_secs(5),
             max_connections: 4096,
             header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(15),
+            forced_refresh_interval: Duration::from_secs(10),
         }
     }
 }
@@ -252,22 +259,10 @@ impl Sidecar {
             .clone()
     }
 
-    /// Renders `/metrics`.
+    /// Renders `/metrics`: the per-state counts are kept as keys change, so a scrape
+    /// costs the same with 10 or 100,000 accounts.
     pub fn render_metrics(&self) -> String {
-        let status = self.cache.status();
-        let mut counts: HashMap<&'static str, u64> = HashMap::new();
-        for s in &status {
-            *counts.entry(s.state).or_default() += 1;
-        }
-        let min_remaining = status
-            .iter()
-            .filter_map(|s| s.token_remaining_seconds)
-            .min()
-            .map(Duration::from_secs);
-        self.metrics.render(&Snapshot {
-            accounts_by_state: counts.into_iter().collect(),
-            min_remaining,
-        })
+        self.metrics.render(&self.cache.snapshot())
     }
 
     /// Re-reads the config file and, if it changed and is valid, swaps it in and applies
@@ -469,7 +464,7 @@ async fn at_low_priority<T: Send + 'static>(
 /// Best effort: without it a reload only competes as before.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-fn lower_this_threads_priority() {
+pub(crate) fn lower_this_threads_priority() {
     // SAFETY: nice takes no pointers; it only lowers this thread's scheduling weight.
     unsafe {
         libc::nice(10);
@@ -477,7 +472,7 @@ fn lower_this_threads_priority() {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn lower_this_threads_priority() {}
+pub(crate) fn lower_this_threads_priority() {}
 
 /// Hands memory freed after a config load back to the OS. Parsing a big map makes many
 /// short-lived allocations, and glibc otherwise keeps the freed pages: the process would
@@ -657,6 +652,33 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Raises the open-file limit and works out how many client connections it leaves room
+/// for (logged once).
+fn connection_cap(options: &Options, config: &Config) -> usize {
+    let limit = crate::limits::raise_open_file_limit();
+    let upstream_calls = options
+        .provider_concurrency
+        .saturating_mul(config.providers.len().max(1));
+    let reserve = crate::limits::reserve(upstream_calls);
+    let cap =
+        crate::limits::connection_cap(options.max_connections, limit.map(|l| l.soft), reserve);
+    let soft = limit.map(|l| l.soft);
+    let raised_from = limit.and_then(|l| l.raised_from);
+    if cap < options.max_connections {
+        tracing::warn!(cap, max_connections = options.max_connections, open_file_limit = soft, reserved = reserve,
+            "connection cap lowered below --max-connections: the open-file limit leaves no room for more; raise the hard limit (ulimit -Hn, LimitNOFILE) to allow more");
+    } else {
+        tracing::info!(
+            cap,
+            open_file_limit = soft,
+            raised_from,
+            reserved = reserve,
+            "connection cap"
+        );
+    }
+    cap
+}
+
 /// Loads the config, binds, and starts serving, pre-warming and watching the config.
 pub async fn start(options: Options) -> Result<Running, StartError> {
     let config = config::load(&options.config_path)?;
@@ -674,6 +696,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         addr: options.listen,
         source,
     })?;
+    let max_connections = connection_cap(&options, &config);
     let (sidecar, _store) = Sidecar::new(config, options)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tracing::info!(
@@ -689,6 +712,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         listener,
         tls,
         sidecar.clone(),
+        max_connections,
         shutdown_rx.clone(),
     )));
     // The watcher starts before `start` returns; the re-read after it covers a change

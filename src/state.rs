@@ -238,6 +238,21 @@ impl TokenStore {
         self.unpersisted_lock().accounts.len()
     }
 
+    /// Whether `account`'s newest refresh token exists only in memory, and why (one
+    /// lookup: the admin API asks per account).
+    pub fn persist_status(&self, account: &str) -> Option<PersistStatus> {
+        let u = self.unpersisted_lock();
+        let p = u.accounts.get(account)?;
+        Some(PersistStatus {
+            error: p.error.to_string(),
+            since: p.since,
+            attempts: p.attempts,
+            retry_in: u
+                .next_round
+                .map(|at| at.saturating_duration_since(tokio::time::Instant::now())),
+        })
+    }
+
     /// The accounts whose newest refresh token exists only in memory, and why.
     pub fn unpersisted(&self) -> HashMap<Arc<str>, PersistStatus> {
         let u = self.unpersisted_lock();

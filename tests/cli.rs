@@ -673,6 +673,10 @@ async fn full_run_leaks_no_secret(mode: LogMode) {
         "1s",
         "--shutdown-grace",
         "3s",
+        // Forced refreshes back to back (fail, then recover): their rate limit is
+        // tested in tests/operations.rs.
+        "--forced-refresh-interval",
+        "0s",
     ]);
     let mut env = vec![("LEAK_TEST_RT_GENERIC", s_rt_gen.clone())];
     match mode {

@@ -577,6 +577,7 @@ async fn forced_refresh_renews_the_sets_in_use_single_flight_and_reports_each() 
     let cfg = write_config(
         dir.path(),
         &json!({
+            "adminAuth": { "username": "ops", "password": "ops-pw" },
             "providers": { "ms": microsoft_provider(&idp) },
             "accounts": {
                 "outlook": { "user": "o@example.com", "provider": "ms", "refreshToken": "rt-outlook" },
@@ -584,15 +585,19 @@ async fn forced_refresh_renews_the_sets_in_use_single_flight_and_reports_each() 
             }
         }),
     );
-    let sc = start(test_options(&cfg)).await.unwrap();
+    // Forced refreshes back to back: their rate limit has a test of its own.
+    let mut o = test_options(&cfg);
+    o.forced_refresh_interval = Duration::ZERO;
+    let sc = start(o).await.unwrap();
     let (c, a) = (client(), sc.local_addr);
+    let ops = Some(("ops", "ops-pw"));
 
     let first = ask(&c, a, "account=outlook&proto=imap", None).await;
     assert_eq!(first.status, 200);
     assert!(scope_of(&idp, 0).contains("IMAP.AccessAsUser.All"));
 
     // Only IMAP is in use: the refresh renews that set and leaves Graph alone.
-    let r = post(&c, a, "/v1/accounts/outlook/refresh", None).await;
+    let r = post(&c, a, "/v1/accounts/outlook/refresh", ops).await;
     assert_eq!(r.status, 200, "{}", r.text);
     let body = r.json();
     assert_eq!(
@@ -617,7 +622,7 @@ async fn forced_refresh_renews_the_sets_in_use_single_flight_and_reports_each() 
         200
     );
     assert!(scope_of(&idp, 2).contains("graph.microsoft.com"));
-    let body = post(&c, a, "/v1/accounts/outlook/refresh", None)
+    let body = post(&c, a, "/v1/accounts/outlook/refresh", ops)
         .await
         .json();
     assert_eq!(body["refreshed"], 2);
@@ -633,7 +638,7 @@ async fn forced_refresh_renews_the_sets_in_use_single_flight_and_reports_each() 
     let posts: Vec<_> = (0..5)
         .map(|_| {
             let c = c.clone();
-            tokio::spawn(async move { post(&c, a, "/v1/accounts/outlook/refresh", None).await })
+            tokio::spawn(async move { post(&c, a, "/v1/accounts/outlook/refresh", ops).await })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -653,7 +658,7 @@ async fn forced_refresh_renews_the_sets_in_use_single_flight_and_reports_each() 
 
     // A refused refresh is reported per set, with the provider's code, as a 502.
     idp.set_fault(Fault::invalid_grant(Some(70008)));
-    let r = post(&c, a, "/v1/accounts/outlook/refresh", None).await;
+    let r = post(&c, a, "/v1/accounts/outlook/refresh", ops).await;
     assert_eq!(r.status, 502, "{}", r.text);
     let body = r.json();
     assert_eq!(
@@ -676,19 +681,17 @@ async fn forced_refresh_renews_the_sets_in_use_single_flight_and_reports_each() 
     idp.check_valid(still.token()).unwrap();
     idp.set_fault(Fault::None);
     assert_eq!(
-        post(&c, a, "/v1/accounts/outlook/refresh", None)
+        post(&c, a, "/v1/accounts/outlook/refresh", ops)
             .await
             .status,
         200
     );
 
-    let r = post(&c, a, "/v1/accounts/mailbox/refresh", None).await;
+    let r = post(&c, a, "/v1/accounts/mailbox/refresh", ops).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["refreshed"], 0);
     assert_eq!(
-        post(&c, a, "/v1/accounts/nobody/refresh", None)
-            .await
-            .status,
+        post(&c, a, "/v1/accounts/nobody/refresh", ops).await.status,
         404
     );
     sc.shutdown().await;
@@ -717,7 +720,7 @@ async fn prewarm_makes_the_first_requests_hits_and_readiness_waits_for_it() {
     );
     let cfg = write_config(
         dir.path(),
-        &json!({ "providers": { "idp": oauth2_provider(&idp) }, "accounts": accounts }),
+        &json!({ "adminAuth": { "username": "ops", "password": "ops-pw" }, "providers": { "idp": oauth2_provider(&idp) }, "accounts": accounts }),
     );
     let mut o = test_options(&cfg);
     o.prewarm_concurrency = 3;
@@ -733,7 +736,9 @@ async fn prewarm_makes_the_first_requests_hits_and_readiness_waits_for_it() {
         "alive while warming"
     );
     assert_eq!(
-        get(&c, a, "/v1/accounts", None).await.json()["ready"],
+        get(&c, a, "/v1/accounts", Some(("ops", "ops-pw")))
+            .await
+            .json()["ready"],
         false
     );
 
@@ -909,4 +914,175 @@ fn lifecycle_flags_have_the_documented_defaults() {
         ),
         (2, Duration::from_secs(3), 4, Duration::from_millis(1500))
     );
+}
+
+#[tokio::test]
+async fn the_admin_api_is_closed_when_the_config_has_no_credentials() {
+    let idp = MockIdp::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &json!({ "providers": { "idp": oauth2_provider(&idp) }, "accounts": {
+            "a": { "user": "a@example.com", "provider": "idp", "refreshToken": "rt-a" } } }),
+    );
+    let sc = start(test_options(&cfg)).await.unwrap();
+    let (c, a) = (client(), sc.local_addr);
+    assert_eq!(ask(&c, a, "account=a", None).await.status, 200);
+    assert_eq!(idp.calls(), 1);
+    for (method, path) in [
+        (reqwest::Method::GET, "/v1/accounts"),
+        (reqwest::Method::GET, "/v1/accounts/a"),
+        (reqwest::Method::POST, "/v1/accounts/a/refresh"),
+    ] {
+        for basic in [None, Some(("any", "thing"))] {
+            let r = send(&c, method.clone(), a, path, basic).await;
+            assert_eq!(r.status, 403, "{method} {path}: {}", r.text);
+            let error = r.json()["error"].as_str().unwrap().to_owned();
+            assert!(
+                error.contains("admin API is closed") && error.contains("adminAuth"),
+                "the body says why and what to do: {error}"
+            );
+        }
+    }
+    assert_eq!(idp.calls(), 1, "no forced refresh ran");
+    // The token endpoint, health and metrics stay open.
+    assert_eq!(ask(&c, a, "account=a", None).await.status, 200);
+    assert_eq!(get(&c, a, "/healthz", None).await.status, 200);
+    scrape(&c, a).await;
+
+    // `adminAuth` alone opens the admin API and leaves the token endpoint open.
+    write_config(
+        dir.path(),
+        &json!({ "adminAuth": { "username": "ops", "password": "ops-pw" }, "providers": { "idp": oauth2_provider(&idp) }, "accounts": {
+            "a": { "user": "a@example.com", "provider": "idp", "refreshToken": "rt-a" } } }),
+    );
+    assert!(sc.sidecar.reload().await.unwrap());
+    assert_eq!(get(&c, a, "/v1/accounts", None).await.status, 401);
+    assert_eq!(
+        get(&c, a, "/v1/accounts", Some(("ops", "ops-pw")))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(ask(&c, a, "account=a", None).await.status, 200);
+    sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn forced_refreshes_of_a_credential_set_are_rate_limited() {
+    let idp = MockIdp::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &json!({ "adminAuth": { "username": "ops", "password": "ops-pw" }, "providers": { "idp": oauth2_provider(&idp) }, "accounts": {
+            "a": { "user": "a@example.com", "provider": "idp", "refreshToken": "rt-a" },
+            "b": { "user": "b@example.com", "provider": "idp", "refreshToken": "rt-b" } } }),
+    );
+    let mut o = test_options(&cfg);
+    o.forced_refresh_interval = Duration::from_secs(2);
+    let sc = start(o).await.unwrap();
+    let (c, a) = (client(), sc.local_addr);
+    let ops = Some(("ops", "ops-pw"));
+    assert_eq!(ask(&c, a, "account=a", None).await.status, 200);
+    assert_eq!(post(&c, a, "/v1/accounts/a/refresh", ops).await.status, 200);
+    assert_eq!(idp.calls(), 2);
+
+    // Again at once: refused with a Retry-After, no upstream call.
+    let r = post(&c, a, "/v1/accounts/a/refresh", ops).await;
+    assert_eq!(r.status, 429, "{}", r.text);
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    assert!(r.json()["error"].as_str().unwrap().contains("Retry-After"));
+    assert_eq!(idp.calls(), 2, "no upstream call");
+    // Per credential set: another account is not held back.
+    assert_eq!(post(&c, a, "/v1/accounts/b/refresh", ops).await.status, 200);
+    assert_eq!(idp.calls(), 3);
+
+    // Once the interval has passed, a forced refresh runs again.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(post(&c, a, "/v1/accounts/a/refresh", ops).await.status, 200);
+    assert_eq!(idp.calls(), 4);
+    sc.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_account_list_pages_and_filters_by_state() {
+    let idp = MockIdp::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut accounts = serde_json::Map::new();
+    for i in 0..7 {
+        accounts.insert(
+            format!("acct-{i}"),
+            json!({ "user": format!("u{i}@example.com"), "provider": "idp", "refreshToken": format!("rt-{i}") }),
+        );
+    }
+    accounts.insert("mailbox".into(), json!({ "user": "m", "pass": "x" }));
+    let cfg = write_config(
+        dir.path(),
+        &json!({ "adminAuth": { "username": "ops", "password": "ops-pw" }, "providers": { "idp": oauth2_provider(&idp) }, "accounts": accounts }),
+    );
+    let sc = start(test_options(&cfg)).await.unwrap();
+    let (c, a) = (client(), sc.local_addr);
+    let ops = Some(("ops", "ops-pw"));
+    for i in [1, 4] {
+        assert_eq!(
+            ask(&c, a, &format!("account=acct-{i}"), None).await.status,
+            200
+        );
+    }
+    idp.set_fault(Fault::invalid_grant(None));
+    assert_eq!(ask(&c, a, "account=acct-5", None).await.status, 403);
+
+    let ids = |v: &Value| -> Vec<String> {
+        v["accounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let all = get(&c, a, "/v1/accounts", ops).await.json();
+    assert_eq!(ids(&all).len(), 8);
+    assert_eq!(all["total"], 8);
+    assert!(all["nextOffset"].is_null());
+
+    let page = get(&c, a, "/v1/accounts?limit=3&offset=2", ops)
+        .await
+        .json();
+    assert_eq!(ids(&page), ["acct-2", "acct-3", "acct-4"]);
+    assert_eq!(
+        (page["total"].clone(), page["nextOffset"].clone()),
+        (json!(8), json!(5))
+    );
+    let last = get(&c, a, "/v1/accounts?limit=3&offset=6", ops)
+        .await
+        .json();
+    assert_eq!(ids(&last), ["acct-6", "mailbox"]);
+    assert!(last["nextOffset"].is_null());
+
+    let ok = get(&c, a, "/v1/accounts?state=ok", ops).await.json();
+    assert_eq!(ids(&ok), ["acct-1", "acct-4"]);
+    assert_eq!(ok["total"], 2);
+    let failed = get(&c, a, "/v1/accounts?state=failed_permanent", ops)
+        .await
+        .json();
+    assert_eq!(ids(&failed), ["acct-5"]);
+    assert_eq!(
+        failed["accounts"][0]["credentialSets"][0]["lastError"]["code"],
+        "invalid_grant"
+    );
+    let idle = get(&c, a, "/v1/accounts?state=idle&limit=2&offset=1", ops)
+        .await
+        .json();
+    assert_eq!(ids(&idle), ["acct-2", "acct-3"]);
+    assert_eq!(
+        (idle["total"].clone(), idle["nextOffset"].clone()),
+        (json!(4), json!(3))
+    );
+
+    for bad in ["limit=0", "limit=x", "offset=-1", "state=broken"] {
+        let r = get(&c, a, &format!("/v1/accounts?{bad}"), ops).await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.text);
+    }
+    sc.shutdown().await;
 }

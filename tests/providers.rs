@@ -630,6 +630,7 @@ async fn google_refresh_sends_the_client_in_the_form_and_keeps_the_refresh_token
     let sc = start_config(
         dir.path(),
         json!({
+            "adminAuth": { "username": "ops", "password": "ops-pw" },
             "providers": { "google": google_provider(&idp) },
             "accounts": { "gmail": {
                 "user": "ada@gmail.com", "provider": "google", "refreshToken": "g-rt",
@@ -660,6 +661,7 @@ async fn google_refresh_sends_the_client_in_the_form_and_keeps_the_refresh_token
     // Google's answers carry no refresh token: the account keeps the one it has.
     let r = c
         .post(format!("http://{a}/v1/accounts/gmail/refresh"))
+        .basic_auth("ops", Some("ops-pw"))
         .send()
         .await
         .unwrap();

@@ -73,8 +73,10 @@ impl KubeVolume {
 }
 
 /// A config with the mock as provider `idp` and the given accounts, as file bytes.
+/// The map with the mock as provider `idp`; `adminAuth` (ops:ops-pw) opens the admin API.
 fn config(idp: &MockIdp, accounts: Value) -> Vec<u8> {
     serde_json::to_vec_pretty(&json!({
+        "adminAuth": { "username": "ops", "password": "ops-pw" },
         "providers": { "idp": oauth2_provider(idp) },
         "accounts": accounts
     }))
@@ -304,6 +306,7 @@ async fn reported_error(c: &reqwest::Client, sc: &Running, needle: &str) -> Opti
     while Instant::now() < deadline {
         let v: Value = c
             .get(format!("http://{}/v1/accounts", sc.local_addr))
+            .basic_auth("ops", Some("ops-pw"))
             .send()
             .await
             .unwrap()
@@ -734,6 +737,7 @@ async fn a_removed_account_gets_404_and_is_forgotten() {
     );
     let v: Value = c
         .get(format!("http://{}/v1/accounts", sc.local_addr))
+        .basic_auth("ops", Some("ops-pw"))
         .send()
         .await
         .unwrap()
@@ -822,6 +826,7 @@ async fn a_re_consented_refresh_token_is_used_for_the_next_refresh() {
     idp.with(|s| s.delay = Duration::ZERO);
     let r = c
         .post(format!("http://{}/v1/accounts/a/refresh", sc.local_addr))
+        .basic_auth("ops", Some("ops-pw"))
         .send()
         .await
         .unwrap();

@@ -29,7 +29,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::{CredentialKey, CredentialSet};
-use crate::metrics::{CacheEvent, Metrics, RefreshOutcome};
+use crate::metrics::{CacheEvent, Metrics, RefreshOutcome, Snapshot};
 use crate::protocol;
 use crate::provider::{ErrorClass, ExpiresIn, ProviderError};
 use crate::upstream::Upstream;
@@ -199,6 +199,11 @@ struct KeyRecord {
     /// Requests held through a back-off, woken when the key's next attempt starts (made
     /// by the first such request, taken by the attempt).
     waiters: Option<Arc<Notify>>,
+    /// When a forced refresh (admin API) last started an upstream call for this key.
+    forced_at: Option<Instant>,
+    /// What [`StateCounts`] counts this record as; brought up to date by
+    /// [`TokenCache::settle`] after every change of state or token.
+    counted: Option<Counted>,
 }
 
 impl KeyRecord {
@@ -214,6 +219,124 @@ impl KeyRecord {
             expires: None,
             due: None,
             waiters: None,
+            forced_at: None,
+            counted: None,
+        }
+    }
+
+    fn state(&self) -> KeyState {
+        if self.inflight.is_some() {
+            return KeyState::Refreshing;
+        }
+        match self.failure.as_ref().map(|f| f.error.class) {
+            Some(ErrorClass::Permanent) => KeyState::FailedPermanent,
+            Some(ErrorClass::Transient) => KeyState::FailingTransient,
+            None => KeyState::Ok,
+        }
+    }
+
+    fn counted_now(&self) -> Counted {
+        Counted {
+            state: self.state(),
+            expires: self.expires.map(|(at, _)| at),
+        }
+    }
+
+    fn status(&self, now: Instant) -> KeyStatus {
+        let token = self.expires.filter(|(at, _)| *at > now);
+        KeyStatus {
+            account: self.set.key.account.to_string(),
+            provider: self.set.provider_name.to_string(),
+            grant: self.set.grant.as_str(),
+            scopes: self.set.scopes.clone(),
+            state: self.state().as_str(),
+            token_expires_at: token.map(|(_, wall)| rfc3339(wall)),
+            token_remaining_seconds: token.map(|(at, _)| (at - now).as_secs()),
+            last_refresh_at: self.last_ok.map(rfc3339),
+            last_error: self.failure.as_ref().map(|f| ErrorStatus {
+                class: f.error.class.as_str(),
+                code: f.error.code.clone(),
+                provider_code: f.error.provider_code.clone(),
+                hint: f.error.hint,
+                redirect_host: f.error.redirect_host.clone(),
+                at: rfc3339(f.at),
+                consecutive_failures: f.consecutive,
+                retry_in_seconds: f.retry_at.saturating_duration_since(now).as_secs(),
+            }),
+        }
+    }
+}
+
+/// The state of a tracked key, as the admin API and the `ee_auth_accounts` gauge show it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyState {
+    /// No fetch under way and the last one (if any) succeeded.
+    Ok,
+    /// A fetch is under way.
+    Refreshing,
+    /// The last fetch failed transiently; it is retried with back-off.
+    FailingTransient,
+    /// The provider refused the grant; a person must act.
+    FailedPermanent,
+}
+
+impl KeyState {
+    /// Every state, in the order of [`StateCounts`]' table.
+    pub const ALL: [KeyState; 4] = [
+        KeyState::Ok,
+        KeyState::Refreshing,
+        KeyState::FailingTransient,
+        KeyState::FailedPermanent,
+    ];
+
+    /// The name shown in the admin API and as the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Ok => "ok",
+            KeyState::Refreshing => "refreshing",
+            KeyState::FailingTransient => "failing_transient",
+            KeyState::FailedPermanent => "failed_permanent",
+        }
+    }
+}
+
+/// What one record contributes to [`StateCounts`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Counted {
+    state: KeyState,
+    expires: Option<Instant>,
+}
+
+/// Tracked keys per state, and the expiry of every stored token in order, kept as
+/// records change rather than recounted: a scrape of `/metrics` with 100k keys reads
+/// four numbers and the first entry of a tree.
+#[derive(Default)]
+struct StateCounts {
+    by_state: [u64; KeyState::ALL.len()],
+    /// Token expiry -> how many stored tokens expire then.
+    expiries: BTreeMap<Instant, u32>,
+}
+
+impl StateCounts {
+    fn add(&mut self, c: Counted) {
+        let n = &mut self.by_state[c.state as usize];
+        *n = n.saturating_add(1);
+        if let Some(at) = c.expires {
+            let n = self.expiries.entry(at).or_default();
+            *n = n.saturating_add(1);
+        }
+    }
+
+    fn sub(&mut self, c: Counted) {
+        let n = &mut self.by_state[c.state as usize];
+        *n = n.saturating_sub(1);
+        if let Some(at) = c.expires {
+            if let std::collections::btree_map::Entry::Occupied(mut e) = self.expiries.entry(at) {
+                *e.get_mut() = e.get().saturating_sub(1);
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
         }
     }
 }
@@ -377,6 +500,8 @@ pub struct TokenCache {
     /// request and every request that finds no fresh token through its [`TokenMemo`].
     tokens: moka::future::Cache<CredentialKey, TokenCell>,
     keys: Mutex<HashMap<CredentialKey, KeyRecord>>,
+    /// Counts of `keys` by state; taken inside `keys`' lock, or alone.
+    counts: Mutex<StateCounts>,
     /// Refresh queues by provider name, made (and their tasks started) on first use.
     refreshes: Mutex<HashMap<Arc<str>, Arc<RefreshQueue>>>,
     next_generation: std::sync::atomic::AtomicU64,
@@ -427,6 +552,7 @@ impl TokenCache {
                 .initial_capacity(expected_keys)
                 .build(),
             keys: Mutex::new(HashMap::with_capacity(expected_keys)),
+            counts: Mutex::default(),
             refreshes: Mutex::default(),
             next_generation: std::sync::atomic::AtomicU64::new(1),
             closing: std::sync::atomic::AtomicBool::new(false),
@@ -445,6 +571,32 @@ impl TokenCache {
     fn lock(&self) -> MutexGuard<'_, HashMap<CredentialKey, KeyRecord>> {
         // Every critical section leaves the map consistent before it can panic.
         self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn counts(&self) -> MutexGuard<'_, StateCounts> {
+        // Each update is a few single operations: a poisoned table is at worst off by one.
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Brings the counts up to date with `rec` (call after any change to its fetch,
+    /// failure or token; caller holds the key map's lock).
+    fn settle(&self, rec: &mut KeyRecord) {
+        let now = rec.counted_now();
+        if rec.counted != Some(now) {
+            let mut counts = self.counts();
+            if let Some(before) = rec.counted {
+                counts.sub(before);
+            }
+            counts.add(now);
+            rec.counted = Some(now);
+        }
+    }
+
+    /// Takes a record that left the key map out of the counts.
+    fn uncount(&self, rec: &mut KeyRecord) {
+        if let Some(before) = rec.counted.take() {
+            self.counts().sub(before);
+        }
     }
 
     fn generation(&self) -> u64 {
@@ -638,6 +790,7 @@ impl TokenCache {
             rec.last_ok = None;
             rec.expires = None;
         }
+        self.settle(rec);
         rec
     }
 
@@ -724,6 +877,7 @@ impl TokenCache {
         .shared();
         rec.inflight = Some(flight.clone());
         wake(&mut rec.waiters);
+        self.settle(rec);
         flight
     }
 
@@ -799,6 +953,7 @@ impl TokenCache {
                     rec.last_ok = Some(SystemTime::now());
                     let wall = sent.wall.checked_add(lifetime).unwrap_or(sent.wall);
                     rec.expires = Some((tok.expires_at, wall));
+                    self.settle(rec);
                     self.schedule(rec, later(sent.instant, plan.refresh_after));
                     let unpublished =
                         (!std::mem::replace(&mut rec.published, true)).then(|| rec.cell.clone());
@@ -845,6 +1000,7 @@ impl TokenCache {
                 .filter(|r| r.generation == generation)
             {
                 rec.inflight = None;
+                self.settle(rec);
             }
             tracing::debug!(account = %set.key.account, "refresh not sent: shutting down");
             return Arc::new(e);
@@ -891,6 +1047,7 @@ impl TokenCache {
                 retry_at,
                 consecutive,
             }));
+            self.settle(rec);
             self.schedule(rec, retry_at);
         } else {
             // The credentials were replaced or removed meanwhile: nothing to retry,
@@ -1064,7 +1221,11 @@ impl TokenCache {
             let rec = self.record_for(&mut keys, set);
             match &rec.inflight {
                 Some(f) => f.clone(),
-                None => self.start_flight(rec, None).ok_or_else(shutting_down)?,
+                None => {
+                    let flight = self.start_flight(rec, None).ok_or_else(shutting_down)?;
+                    rec.forced_at = Some(Instant::now());
+                    flight
+                }
             }
         };
         match tokio::time::timeout(self.policy.request_wait, flight).await {
@@ -1077,11 +1238,31 @@ impl TokenCache {
         }
     }
 
+    /// How long until a forced refresh of every one of `sets` may start a new upstream
+    /// call, when one was started less than `interval` ago; `None` if all may go now. A
+    /// set with a fetch under way needs no wait: a forced refresh joins that fetch.
+    pub fn forced_refresh_wait(
+        &self,
+        sets: &[&Arc<CredentialSet>],
+        interval: Duration,
+    ) -> Option<Duration> {
+        let now = Instant::now();
+        let keys = self.lock();
+        sets.iter()
+            .filter_map(|s| keys.get(&s.key))
+            .filter(|rec| rec.inflight.is_none())
+            .filter_map(|rec| rec.forced_at)
+            .map(|at| interval.saturating_sub(now.saturating_duration_since(at)))
+            .filter(|wait| !wait.is_zero())
+            .max()
+    }
+
     /// Forgets a key at once: its token, its queued refresh, any result still in flight.
     pub async fn remove(&self, key: &CredentialKey) {
         let Some(mut rec) = self.lock().remove(key) else {
             return;
         };
+        self.uncount(&mut rec);
         self.unschedule(&mut rec);
         wake(&mut rec.waiters);
         // Credential sets of older configs may remember this cell: emptied, it sends
@@ -1174,47 +1355,44 @@ impl TokenCache {
         self.lock().keys().cloned().collect()
     }
 
-    /// Status of every tracked key, sorted by account.
+    /// Status of every tracked key, sorted by account (walks every key: for tests and
+    /// tools, not for the serving thread).
     pub fn status(&self) -> Vec<KeyStatus> {
         let now = Instant::now();
         let keys = self.lock();
-        let mut out: Vec<KeyStatus> = keys
-            .values()
-            .map(|rec| {
-                let token = rec.expires.filter(|(at, _)| *at > now);
-                let state = if rec.inflight.is_some() {
-                    "refreshing"
-                } else {
-                    match rec.failure.as_ref().map(|f| f.error.class) {
-                        Some(ErrorClass::Permanent) => "failed_permanent",
-                        Some(ErrorClass::Transient) => "failing_transient",
-                        None => "ok",
-                    }
-                };
-                KeyStatus {
-                    account: rec.set.key.account.to_string(),
-                    provider: rec.set.provider_name.to_string(),
-                    grant: rec.set.grant.as_str(),
-                    scopes: rec.set.scopes.clone(),
-                    state,
-                    token_expires_at: token.map(|(_, wall)| rfc3339(wall)),
-                    token_remaining_seconds: token.map(|(at, _)| (at - now).as_secs()),
-                    last_refresh_at: rec.last_ok.map(rfc3339),
-                    last_error: rec.failure.as_ref().map(|f| ErrorStatus {
-                        class: f.error.class.as_str(),
-                        code: f.error.code.clone(),
-                        provider_code: f.error.provider_code.clone(),
-                        hint: f.error.hint,
-                        redirect_host: f.error.redirect_host.clone(),
-                        at: rfc3339(f.at),
-                        consecutive_failures: f.consecutive,
-                        retry_in_seconds: f.retry_at.saturating_duration_since(now).as_secs(),
-                    }),
-                }
-            })
-            .collect();
+        let mut out: Vec<KeyStatus> = keys.values().map(|rec| rec.status(now)).collect();
+        drop(keys);
         out.sort_by(|a, b| a.account.cmp(&b.account).then(a.scopes.cmp(&b.scopes)));
         out
+    }
+
+    /// Status of each of `keys` (`None` for a key the cache does not track), under one
+    /// short hold of the key map's lock.
+    pub fn status_of(&self, keys: &[&CredentialKey]) -> Vec<Option<KeyStatus>> {
+        let now = Instant::now();
+        let map = self.lock();
+        keys.iter()
+            .map(|k| map.get(*k).map(|rec| rec.status(now)))
+            .collect()
+    }
+
+    /// Tracked keys per state and the shortest remaining token life, from counts kept as
+    /// keys change (no walk over the keys).
+    pub fn snapshot(&self) -> Snapshot {
+        let now = Instant::now();
+        let counts = self.counts();
+        let min_remaining = counts
+            .expiries
+            .range((std::ops::Bound::Excluded(now), std::ops::Bound::Unbounded))
+            .next()
+            .map(|(at, _)| Duration::from_secs(at.saturating_duration_since(now).as_secs()));
+        Snapshot {
+            accounts_by_state: KeyState::ALL
+                .iter()
+                .map(|s| (s.as_str(), counts.by_state[*s as usize]))
+                .collect(),
+            min_remaining,
+        }
     }
 }
 
@@ -1223,16 +1401,24 @@ mod tests {
     use super::*;
 
     fn sets(n: usize) -> Vec<Arc<CredentialSet>> {
-        sets_at(n, "http://127.0.0.1:1/t")
+        sets_with(n, "http://127.0.0.1:1/t", "r")
     }
 
     /// `n` accounts on one provider whose token endpoint is `token_url`.
     fn sets_at(n: usize, token_url: &str) -> Vec<Arc<CredentialSet>> {
+        sets_with(n, token_url, "r")
+    }
+
+    fn sets_with_refresh_token(n: usize, rt: &str) -> Vec<Arc<CredentialSet>> {
+        sets_with(n, "http://127.0.0.1:1/t", rt)
+    }
+
+    fn sets_with(n: usize, token_url: &str, rt: &str) -> Vec<Arc<CredentialSet>> {
         let accounts: serde_json::Map<String, serde_json::Value> = (0..n)
             .map(|i| {
                 (
                     format!("a{i}"),
-                    serde_json::json!({"user": "u@example.com", "provider": "p", "refreshToken": "r"}),
+                    serde_json::json!({"user": "u@example.com", "provider": "p", "refreshToken": rt}),
                 )
             })
             .collect();
@@ -1312,6 +1498,7 @@ mod tests {
         });
         rec.expires = Some((Instant::now() + life, SystemTime::now() + life));
         rec.published = true;
+        cache.settle(rec);
     }
 
     #[tokio::test]
@@ -1527,5 +1714,108 @@ mod tests {
         cache.publish(&set.key, &old_cell).await;
         let entry = cache.tokens.get(&set.key).await.unwrap();
         assert!(Arc::ptr_eq(&entry, &new_cell));
+    }
+
+    /// The per-state counts and the shortest token life, recounted from every record.
+    fn recount(cache: &TokenCache) -> Snapshot {
+        let status = cache.status();
+        let accounts_by_state = KeyState::ALL
+            .iter()
+            .map(|st| {
+                let n = status.iter().filter(|s| s.state == st.as_str()).count();
+                (st.as_str(), n as u64)
+            })
+            .collect();
+        let min_remaining = status
+            .iter()
+            .filter_map(|s| s.token_remaining_seconds)
+            .min()
+            .map(Duration::from_secs);
+        Snapshot {
+            accounts_by_state,
+            min_remaining,
+        }
+    }
+
+    fn assert_counts_exact(cache: &TokenCache, step: &str) {
+        let kept = cache.snapshot();
+        let counted = recount(cache);
+        assert_eq!(
+            kept.accounts_by_state, counted.accounts_by_state,
+            "{step}: per-state counts"
+        );
+        assert_eq!(
+            kept.min_remaining, counted.min_remaining,
+            "{step}: min remaining"
+        );
+    }
+
+    fn count_of(cache: &TokenCache, state: KeyState) -> u64 {
+        cache
+            .snapshot()
+            .accounts_by_state
+            .into_iter()
+            .find(|(s, _)| *s == state.as_str())
+            .map_or(0, |(_, n)| n)
+    }
+
+    #[tokio::test]
+    async fn per_state_counts_stay_exact_through_every_transition() {
+        let cache = offline_cache(Policy {
+            request_wait: Duration::from_secs(2),
+            ..Policy::default()
+        });
+        let s = sets(4);
+        assert_counts_exact(&cache, "empty");
+
+        // Tokens stored: ok, and the shortest life is the earliest expiry.
+        token_without_entry(&cache, &s[0], Duration::from_secs(3600));
+        token_without_entry(&cache, &s[1], Duration::from_secs(600));
+        assert_eq!(count_of(&cache, KeyState::Ok), 2);
+        assert_counts_exact(&cache, "two tokens");
+        assert!(cache.snapshot().min_remaining.unwrap() <= Duration::from_secs(600));
+
+        // A fetch under way: refreshing; it fails (the provider is unreachable):
+        // failing_transient, with its token kept (still valid).
+        let flight = cache.warm(&s[2]).expect("a fetch starts");
+        assert_eq!(count_of(&cache, KeyState::Refreshing), 1);
+        assert_counts_exact(&cache, "fetch under way");
+        assert!(flight.await.is_err());
+        assert_eq!(count_of(&cache, KeyState::FailingTransient), 1);
+        assert_eq!(count_of(&cache, KeyState::Refreshing), 0);
+        assert_counts_exact(&cache, "transient failure");
+
+        // A forced refresh of a key with a token: refreshing, then failing.
+        let _ = cache.force_refresh(&s[1]).await;
+        assert_eq!(count_of(&cache, KeyState::FailingTransient), 2);
+        assert_counts_exact(&cache, "forced refresh failed");
+
+        // A permanent failure recorded for a key.
+        let generation = cache.lock().get(&s[0].key).unwrap().generation;
+        let permanent = ProviderError {
+            class: ErrorClass::Permanent,
+            ..ProviderError::transient("invalid_grant")
+        };
+        let _ = cache.fetch_failed(&s[0], generation, permanent);
+        assert_eq!(count_of(&cache, KeyState::FailedPermanent), 1);
+        assert_counts_exact(&cache, "permanent failure");
+
+        // New credentials for a key reset it: ok, no token.
+        let changed = sets_with_refresh_token(4, "other").remove(1);
+        assert_ne!(changed.fingerprint, s[1].fingerprint);
+        {
+            let mut keys = cache.lock();
+            cache.record_for(&mut keys, &changed);
+        }
+        assert_counts_exact(&cache, "credentials replaced");
+
+        // Removing keys takes them out of every count and of the expiries.
+        for set in &s {
+            cache.remove(&set.key).await;
+        }
+        assert_counts_exact(&cache, "all removed");
+        let empty = cache.snapshot();
+        assert!(empty.accounts_by_state.iter().all(|(_, n)| *n == 0));
+        assert_eq!(empty.min_remaining, None);
     }
 }
