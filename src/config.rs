@@ -504,8 +504,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         file: path.to_owned(),
         errors: vec![ConfigError::new(
             "(file)",
-            // The file is named once, by `ConfigErrors`' own line.
-            format!("cannot read the config file: {e}"),
+            // Named here too: the admin API's `lastError` lists the messages alone.
+            format!("cannot read config file {}: {e}", path.display()),
         )],
     })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();

@@ -51,6 +51,8 @@ fn rotating_idp_for(idp: &MockIdp, tokens: &[&str]) {
 async fn start_on(cfg: &Path, state: &Path) -> Running {
     let mut o = test_options(cfg);
     o.state_dir = Some(state.to_owned());
+    // The tests force refreshes back to back to make rotations on demand.
+    o.forced_refresh_interval = Duration::ZERO;
     start(o).await.expect("sidecar starts")
 }
 

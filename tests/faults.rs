@@ -855,7 +855,7 @@ async fn odd_expires_in_values_are_refused_or_clamped_never_defaulted() {
 async fn a_rotated_refresh_token_in_a_refused_answer_is_kept() {
     let idp = MockIdp::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let sc = one_account_each(&idp, dir.path(), &["a", "b"]).await;
+    let sc = one_account_each(&idp, dir.path(), &["a", "b", "c"]).await;
     let c = client();
     for (account, body) in [
         (
@@ -866,6 +866,8 @@ async fn a_rotated_refresh_token_in_a_refused_answer_is_kept() {
             "b",
             r#"{"access_token":"t t","expires_in":60,"refresh_token":"rt-new-b"}"#,
         ),
+        // No access token at all, yet a rotated refresh token.
+        ("c", r#"{"expires_in":60,"refresh_token":"rt-new-c"}"#),
     ] {
         idp.set_fault(Fault::Body(body.into()));
         let r = ask(
@@ -886,7 +888,10 @@ async fn a_rotated_refresh_token_in_a_refused_answer_is_kept() {
             .any(|r| r.form.get("refresh_token") == Some(&want))
     };
     assert!(
-        eventually(Duration::from_secs(5), || spent("a") && spent("b")).await,
+        eventually(Duration::from_secs(5), || spent("a")
+            && spent("b")
+            && spent("c"))
+        .await,
         "{:?}",
         idp.requests().iter().map(|r| &r.form).collect::<Vec<_>>()
     );

@@ -295,8 +295,11 @@ async fn a_start_up_error_is_printed_once() {
         .await;
         assert_eq!(out.status.code(), Some(1), "{out:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let mentions = stderr.matches("no-such-config.json").count();
+        // The error names the file in its header and in its one detail line; printed
+        // once, that is one detail line.
+        let mentions = stderr.matches("cannot read config file").count();
         assert_eq!(mentions, 1, "{format}: printed {mentions} times:\n{stderr}");
+        assert!(stderr.contains("no-such-config.json"), "{stderr}");
     }
 }
 

@@ -1362,7 +1362,11 @@ async fn secret_file_sidecar(root: &Path) -> (Running, PathBuf, PathBuf) {
     std::fs::write(&secret, "pass-1\n").unwrap();
     let path = write_config(
         &config_dir,
-        &json!({ "accounts": { "pw": { "user": "u", "pass": { "file": secret } } } }),
+        &json!({
+            // Opens the admin API, where the tests read `lastError`.
+            "adminAuth": { "username": "ops", "password": "ops-pw" },
+            "accounts": { "pw": { "user": "u", "pass": { "file": secret } } }
+        }),
     );
     let sc = start(test_options(&path)).await.unwrap();
     (sc, path, secret)

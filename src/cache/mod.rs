@@ -887,7 +887,16 @@ impl TokenCache {
             Ok(fetched) => fetched,
             Err(e) => return Err(self.fetch_failed(&set, generation, e)),
         };
-        let answer = match protocol::ValidTokenAnswer::new(&set.user, &grant.access_token) {
+        // A rotated refresh token in this answer is kept already (`Upstream::fetch`),
+        // whatever is wrong with the rest of it.
+        let Some(access_token) = grant.access_token.as_ref() else {
+            let e = ProviderError {
+                hint: Some("token response has no access_token"),
+                ..ProviderError::transient("invalid_response")
+            };
+            return Err(self.fetch_failed(&set, generation, e));
+        };
+        let answer = match protocol::ValidTokenAnswer::new(&set.user, access_token) {
             Ok(answer) => answer,
             Err(e) => {
                 let e = ProviderError {
@@ -905,8 +914,6 @@ impl TokenCache {
                 return Err(self.fetch_failed(&set, generation, e));
             }
         };
-        // A rotated refresh token in this answer is kept already (`Upstream::fetch`),
-        // whatever is wrong with the rest of it.
         let lifetime = match grant.expires_in {
             ExpiresIn::Unusable => {
                 let e = ProviderError {

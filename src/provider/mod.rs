@@ -64,8 +64,9 @@ pub struct TokenRequest<'a> {
 /// A successful token response.
 #[derive(Debug, Clone)]
 pub struct TokenGrant {
-    /// The access token.
-    pub access_token: Secret,
+    /// The access token; `None` when the answer had none. Not a parse error, for the same
+    /// reason as [`ExpiresIn::Unusable`]: the answer may carry a rotated refresh token.
+    pub access_token: Option<Secret>,
     /// Its lifetime, as the provider said it.
     pub expires_in: ExpiresIn,
     /// A new refresh token, when the provider rotated it.
@@ -465,8 +466,8 @@ pub fn parse_token_response(body: &[u8]) -> Result<TokenGrant, ProviderError> {
     })?;
     let field = |name: &'static str| fields.get(&JsonStr(name.into())).map(|raw| raw.get());
     let access_token = match field("access_token").and_then(json_string) {
-        Some(s) if !s.is_empty() => Secret::new(&*s),
-        _ => return Err(invalid("token response has no access_token")),
+        Some(s) if !s.is_empty() => Some(Secret::new(&*s)),
+        _ => None,
     };
     // Some servers send expires_in as a string. Under a second is unusable too: planning
     // refreshes for such a token would call the provider in a tight loop.
@@ -590,7 +591,7 @@ mod tests {
         let g =
             parse_token_response(br#"{"access_token":"a","expires_in":3599,"refresh_token":"r"}"#)
                 .unwrap();
-        assert_eq!(g.access_token.expose(), "a");
+        assert_eq!(g.access_token.as_ref().map(Secret::expose), Some("a"));
         assert_eq!(g.expires_in, ExpiresIn::Given(Duration::from_secs(3599)));
         assert_eq!(g.refresh_token.unwrap().expose(), "r");
         let g = parse_token_response(br#"{"access_token":"a","expires_in":"60"}"#).unwrap();
@@ -603,7 +604,7 @@ mod tests {
                 "refresh_token":7,"scope":["a",{"b":1}],"id_token":"\"q\""}"#,
         )
         .unwrap();
-        assert_eq!(g.access_token.expose(), "a/bA");
+        assert_eq!(g.access_token.as_ref().map(Secret::expose), Some("a/bA"));
         assert_eq!(g.expires_in, ExpiresIn::Absent);
         assert!(g.refresh_token.is_none());
         // expires_in: a number or numeric string of at least a second; too long is the
@@ -639,15 +640,24 @@ mod tests {
             &b""[..],
             b"garbage",
             b"[]",
-            br#"{"expires_in":1}"#,
-            br#"{"access_token":""}"#,
-            br#"{"access_token":1}"#,
             br#"{"access_token":"a"} trailing"#,
         ] {
             let e = parse_token_response(bad).unwrap_err();
             assert_eq!(e.class, ErrorClass::Transient);
             assert_eq!(e.code, "invalid_response");
         }
+        // No usable access token is not a parse error: a rotated refresh token in the
+        // same answer must still reach the state store (the cache then refuses it).
+        for no_token in [
+            &br#"{"expires_in":1}"#[..],
+            br#"{"access_token":""}"#,
+            br#"{"access_token":1,"refresh_token":"r"}"#,
+        ] {
+            let g = parse_token_response(no_token).unwrap();
+            assert!(g.access_token.is_none());
+        }
+        let g = parse_token_response(br#"{"refresh_token":"r"}"#).unwrap();
+        assert_eq!(g.refresh_token.as_ref().map(Secret::expose), Some("r"));
     }
 
     #[test]
