@@ -358,6 +358,9 @@ pub fn mask_answer(body: &[u8]) -> String {
     v.to_string()
 }
 
+/// The `token` command's timeout of one call to the identity provider.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// `token`: fetches once and prints the answer; returns the exit code.
 pub async fn token(args: &TokenArgs) -> i32 {
     let proto = args.proto.as_deref().and_then(Proto::parse);
@@ -389,7 +392,12 @@ pub async fn token(args: &TokenArgs) -> i32 {
             let state_dir = args.state_dir.as_ref().filter(|_| spends_refresh_token);
             let store = match state_dir {
                 Some(dir) => match crate::state::TokenStore::open(dir) {
-                    Ok((s, _)) => s,
+                    Ok((s, warnings)) => {
+                        for w in warnings {
+                            eprintln!("warning: unreadable refresh-token record: {w}");
+                        }
+                        s
+                    }
                     Err(e) => {
                         eprintln!("error: {e}");
                         return 1;
@@ -399,7 +407,7 @@ pub async fn token(args: &TokenArgs) -> i32 {
             };
             let store = std::sync::Arc::new(store);
             let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
-            let http = match crate::upstream::http_client(Duration::from_secs(30)) {
+            let http = match crate::upstream::http_client(UPSTREAM_TIMEOUT) {
                 Ok(h) => h,
                 Err(e) => {
                     eprintln!("HTTP client: {e}");
@@ -418,6 +426,21 @@ pub async fn token(args: &TokenArgs) -> i32 {
             };
             let cache = crate::cache::TokenCache::new(upstream, policy, metrics, 1);
             let got = cache.get(&set).await;
+            // The request may give up while an attempt is still under way (it is held
+            // through back-offs): start nothing more, and wait for what was sent, so a
+            // rotation in its answer is written before the directory is let go.
+            cache.close();
+            let drain_until = crate::cache::schedule::later(
+                tokio::time::Instant::now(),
+                UPSTREAM_TIMEOUT + Duration::from_secs(5),
+            );
+            let unanswered = cache.upstream().drain(drain_until).await;
+            if !unanswered.is_empty() && spends_refresh_token {
+                eprintln!(
+                    "error: the refresh of `{}` was not answered in time; if the provider rotated its refresh token, the account needs re-consent",
+                    args.account
+                );
+            }
             // A rotated token is written before the answer is used; a write that failed
             // gets one more try, and the directory's lock is released.
             let lost = store.close().await;

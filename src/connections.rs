@@ -36,6 +36,9 @@ pub struct Conn {
     idle_since_ms: AtomicU64,
     /// Set once it was asked to close (at most one close per connection).
     closing: AtomicBool,
+    /// Set once a request on it was answered with anything but 401: a client that knows
+    /// the credentials (EmailEngine). Evicted only when no other idle connection is left.
+    trusted: AtomicBool,
     close: Notify,
 }
 
@@ -97,6 +100,7 @@ impl Registry {
             in_request: AtomicU32::new(0),
             idle_since_ms: AtomicU64::new(0),
             closing: AtomicBool::new(false),
+            trusted: AtomicBool::new(false),
             close: Notify::new(),
         });
         conn.mark_idle();
@@ -109,14 +113,21 @@ impl Registry {
         }
     }
 
-    /// Asks the connection idle the longest to close; false if none is idle.
+    /// Asks the connection idle the longest to close; false if none is idle. Connections
+    /// that never had an authenticated answer go first, so a local process without the
+    /// credentials can only evict its own connections while it has any.
     pub fn close_longest_idle(&self) -> bool {
         let live = self.live();
         let victim = live
             .values()
-            .filter(|c| c.in_request.load(Ordering::Acquire) == 0)
+            .filter(|c| !c.is_busy())
             .filter(|c| !c.closing.load(Ordering::Acquire))
-            .min_by_key(|c| c.idle_since_ms.load(Ordering::Relaxed));
+            .min_by_key(|c| {
+                (
+                    c.trusted.load(Ordering::Relaxed),
+                    c.idle_since_ms.load(Ordering::Relaxed),
+                )
+            });
         match victim {
             Some(c) => {
                 c.ask_to_close();
@@ -164,6 +175,16 @@ impl Conn {
         }
     }
 
+    /// Whether a request is in progress on it.
+    pub fn is_busy(&self) -> bool {
+        self.in_request.load(Ordering::Acquire) > 0
+    }
+
+    /// Marks it as a client that knows the credentials (see [`Conn::trusted`]).
+    pub fn trust(&self) {
+        self.trusted.store(true, Ordering::Relaxed);
+    }
+
     /// Marks a request in progress until the guard is dropped.
     pub fn request(self: &Arc<Self>) -> InRequest {
         self.in_request.fetch_add(1, Ordering::AcqRel);
@@ -194,6 +215,13 @@ impl Conn {
             };
             tokio::time::sleep(Duration::from_millis(wait_ms.max(1))).await;
         }
+    }
+}
+
+impl InRequest {
+    /// Marks the connection as a client that knows the credentials.
+    pub fn trust(&self) {
+        self.0.trust();
     }
 }
 

@@ -40,6 +40,9 @@ pub enum ServeError {
     /// The worker rendering the admin list died.
     #[error("the account list could not be rendered; try again")]
     ListFailed,
+    /// As many admin lists as may be built at once are being built.
+    #[error("account lists are being built already; try again in a moment, or page with ?limit=")]
+    ListBusy,
     /// An admin query parameter has a value outside what it accepts.
     #[error("query parameter `{name}` must be {expected}")]
     InvalidParameter {
@@ -63,7 +66,7 @@ impl ServeError {
                 StatusCode::BAD_REQUEST
             }
             ServeError::AdminClosed => StatusCode::FORBIDDEN,
-            ServeError::ListFailed => StatusCode::SERVICE_UNAVAILABLE,
+            ServeError::ListFailed | ServeError::ListBusy => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::RefreshRateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ServeError::UnknownAccount | ServeError::NotFound => StatusCode::NOT_FOUND,
             ServeError::Cache(CacheError::Unavailable { .. }) => StatusCode::TOO_MANY_REQUESTS,
@@ -78,7 +81,9 @@ impl ServeError {
             | ServeError::BadRequest(_)
             | ServeError::InvalidParameter { .. } => Outcome::BadRequest,
             ServeError::Unauthorized | ServeError::AdminClosed => Outcome::Unauthorized,
-            ServeError::RefreshRateLimited(_) | ServeError::ListFailed => Outcome::Unavailable,
+            ServeError::RefreshRateLimited(_) | ServeError::ListFailed | ServeError::ListBusy => {
+                Outcome::Unavailable
+            }
             ServeError::UnknownAccount | ServeError::NotFound => Outcome::NotFound,
             ServeError::Cache(CacheError::Unavailable { .. }) => Outcome::Unavailable,
             ServeError::Cache(CacheError::Failed { .. }) => Outcome::Failed,

@@ -20,8 +20,10 @@ pub const MAX_CONFIG_BYTES: u64 = 256 * 1024 * 1024;
 /// certificate chain or key file.
 pub const MAX_SECRET_FILE_BYTES: u64 = 1024 * 1024;
 
-/// The largest state record read (one account's rotated refresh token, a few KB).
-pub const MAX_STATE_RECORD_BYTES: u64 = 64 * 1024;
+/// The largest state record read: one account's rotated refresh token (a few KB), as
+/// JSON. Room for the largest token a provider answer may carry (256 KiB) even with every
+/// character escaped, so that a record that could be written can always be read back.
+pub const MAX_STATE_RECORD_BYTES: u64 = 2 * 1024 * 1024;
 
 /// Why a file the operator named could not be read.
 #[derive(Debug, thiserror::Error)]

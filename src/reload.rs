@@ -98,12 +98,7 @@ enum Trigger {
     Hangup,
 }
 
-/// `at + d`, or `at` plus a day where that would overflow the clock.
-fn later(at: Instant, d: Duration) -> Instant {
-    at.checked_add(d)
-        .or_else(|| at.checked_add(MAX_RELOAD_INTERVAL))
-        .unwrap_or(at)
-}
+use crate::cache::schedule::later;
 
 /// Waits for `quiet` without an event, but no longer than [`MAX_DEBOUNCE`] (or `quiet`,
 /// if longer) after the first one. False if shutdown began meanwhile.

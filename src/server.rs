@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use crate::cache::schedule::later;
 use crate::cache::{KeyStatus, Source, TokenCache};
 use crate::config::{AccountKind, Config, CredentialKey, CredentialSet, OAuthAccount};
 use crate::connections::{Conn, Registry};
@@ -118,6 +119,9 @@ pub async fn serve(
             let in_request = conn.request();
             async move {
                 let mut resp = route(&sidecar, req).await;
+                if resp.status() != StatusCode::UNAUTHORIZED {
+                    in_request.trust();
+                }
                 drop(in_request);
                 if draining.load(Ordering::Relaxed) {
                     // hyper closes the connection once this response is written, so the
@@ -166,14 +170,17 @@ pub async fn serve(
             drop(admitted);
         });
     }
-    let deadline = tokio::time::Instant::now() + options.shutdown_grace;
+    let deadline = later(tokio::time::Instant::now(), options.shutdown_grace);
     drop(listener);
     draining.store(true, Ordering::Relaxed);
     // Closing an idle keep-alive connection at once races with a request the client is
     // sending on it right then; that request would be reset, never answered. So open
     // connections first get a short drain: each one closes after its next response
     // (which says `Connection: close`), and only the ones still idle after it are closed.
-    let drain_until = tokio::time::Instant::now() + MAX_DRAIN.min(options.shutdown_grace / 2);
+    let drain_until = later(
+        tokio::time::Instant::now(),
+        MAX_DRAIN.min(options.shutdown_grace / 2),
+    );
     while registry.open() > 0 && tokio::time::Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -206,8 +213,23 @@ async fn drive<I, S>(
         () = conn.idle_for(idle_timeout) => {}
     }
     connection.as_mut().graceful_shutdown();
-    let _ = connection.await;
+    // hyper closes at once only a connection that is idle between requests or has sent
+    // nothing; one with part of a request head stays open until the header-read timeout
+    // (30 s), keeping its slot: a way to lock EmailEngine out. So unless a request is in
+    // progress (it is answered first), the connection is dropped after a short wait.
+    loop {
+        match tokio::time::timeout(CLOSE_WAIT, connection.as_mut()).await {
+            Ok(_) => return,
+            Err(_) if conn.is_busy() => {}
+            Err(_) => return,
+        }
+    }
 }
+
+/// How long a connection asked to close, with no request in progress, may take to do so
+/// before it is dropped (within `connections::EVICT_WAIT`, which a new client waits for
+/// its slot).
+const CLOSE_WAIT: Duration = Duration::from_millis(40);
 
 /// Accept errors, logged at most once per [`ACCEPT_ERROR_LOG_INTERVAL`] with a count of
 /// the ones not logged: out of descriptors, accept fails again at once, many times a second.
@@ -372,10 +394,12 @@ async fn admin(
             // cache under its lock one chunk of accounts at a time, at normal priority
             // (a thread holding that lock must not be starved by others), then
             // rendering at nice +10, as reloads do (BENCHMARKS.md, item 8).
+            let building = sidecar.list_build().ok_or(ServeError::ListBusy)?;
             let (done, rendered) = tokio::sync::oneshot::channel();
             std::thread::Builder::new()
                 .name("ee-admin-list".into())
                 .spawn(move || {
+                    let _building = building;
                     let body = list(
                         &sidecar,
                         &config,
@@ -844,12 +868,14 @@ mod wiring {
         let Some(held_back) = limiter.admit() else {
             return;
         };
+        // Logged quoted (`?`): the id comes from whoever asked, and unquoted it could
+        // pose as further fields of the line.
         let account = crate::protocol::parse_query(query)
             .map(|q| bounded(&q.account))
             .unwrap_or_default();
         if missing {
             tracing::warn!(
-                account = %account,
+                account = ?account,
                 held_back,
                 "token request without Basic credentials (401): put the user and password of the sidecar's `auth` into EmailEngine's authServer URL (http://USER:PASSWORD@127.0.0.1:8080/authentication)"
             );
@@ -858,7 +884,7 @@ mod wiring {
                 .and_then(crate::protocol::decode_basic)
                 .is_some_and(|pair| pair.contains(&b'%'));
             tracing::warn!(
-                account = %account,
+                account = ?account,
                 percent_encoded,
                 held_back,
                 "token request with wrong Basic credentials (401): EmailEngine's authServer URL must carry the user and password of the sidecar's `auth`, byte for byte; EmailEngine does not percent-decode them, so use only A-Z a-z 0-9 - . _ ~"
@@ -872,7 +898,7 @@ mod wiring {
             return;
         };
         tracing::warn!(
-            account = %bounded(id),
+            account = ?bounded(id),
             held_back,
             "token request for an account id not in the config (404): register the account in EmailEngine with the same account id as in the sidecar's `accounts` (ids are case-sensitive), or add it to the config"
         );

@@ -141,7 +141,13 @@ pub struct Sidecar {
     reload_status: Mutex<ReloadStatus>,
     options: Options,
     store: Arc<TokenStore>,
+    /// Admin lists being built (a whole list of 100k accounts is tens of MB): a few at
+    /// a time at most.
+    list_builds: Arc<tokio::sync::Semaphore>,
 }
+
+/// Admin lists built at once at most; more are answered 503.
+const LIST_BUILDS: usize = 2;
 
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
@@ -217,6 +223,7 @@ impl Sidecar {
             }),
             options,
             store: store.clone(),
+            list_builds: Arc::new(tokio::sync::Semaphore::new(LIST_BUILDS)),
         });
         Ok((sidecar, store))
     }
@@ -234,6 +241,11 @@ impl Sidecar {
     /// The metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// A place to build an admin list in, if one is free.
+    pub fn list_build(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.list_builds.clone().try_acquire_owned().ok()
     }
 
     /// The options.
@@ -684,6 +696,9 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     let config = config::load(&options.config_path)?;
     release_freed_memory();
     check_listen(&options, &config).map_err(StartError::Listen)?;
+    if config.auth.is_none() {
+        tracing::warn!("no `auth` in the config: any process that can reach the listen address gets tokens without credentials (and may hold requests open); set `auth` and put its user and password into EmailEngine's authServer URL");
+    }
     let tls = match &options.tls {
         Some((cert, key)) => Some(crate::server::tls_acceptor(cert, key).map_err(StartError::Tls)?),
         None => None,

@@ -1869,3 +1869,67 @@ async fn every_out_of_range_duration_or_count_flag_is_refused_at_start_with_exit
         text(&probe.stderr)
     );
 }
+
+/// Regression (review of the merged #13/#15 work): `token` holds its request through a
+/// back-off, so it could give up (after its 60 s) while a refresh was still with the
+/// provider and exit at once: the rotated refresh token in that late answer was never
+/// written, the one in the state directory was spent, and the account was lost. It now
+/// starts nothing more and waits for what it sent before it lets the directory go.
+#[tokio::test]
+async fn token_waits_for_a_refresh_still_under_way_when_its_request_gives_up() {
+    let idp = MockIdp::start().await;
+    idp.with(|s| {
+        s.rotate = true;
+        s.valid_refresh_tokens = Some(["rt-a".to_owned()].into());
+    });
+    // The first answer asks for 58 s: the retry falls inside the command's 60 s wait,
+    // and then answers too slowly for it (6 s).
+    idp.set_fault(Fault::status(503, Some(58)));
+    let slow_retry = {
+        let idp = idp.clone();
+        tokio::spawn(async move {
+            assert!(eventually(Duration::from_secs(10), || idp.calls() >= 1).await);
+            idp.with(|s| {
+                s.fault = Fault::None;
+                s.delay = Duration::from_secs(6);
+            });
+        })
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &json!({
+            "providers": { "idp": oauth2_provider(&idp) },
+            "accounts": { "a": { "user": "a@example.com", "provider": "idp", "refreshToken": "rt-a" } }
+        }),
+    );
+    let (c, state) = (cfg.to_str().unwrap(), dir.path().join("state"));
+    let token = args(&[
+        "token",
+        "--config",
+        c,
+        "a",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    let out = run(&token, &[]).await;
+    slow_retry.await.unwrap();
+    assert_eq!(idp.calls(), 2, "{}", text(&out.stderr));
+    // The mock rotates when its answer is delivered; a real provider rotates whether or
+    // not the client still waits. Either way the command must have waited for it.
+    assert_eq!(
+        idp.with(|s| s.spent.len()),
+        1,
+        "the command exited before the refresh it sent was answered: {}",
+        text(&out.stderr)
+    );
+    // The rotation of that late answer was kept: the next run spends it, not rt-a.
+    idp.with(|s| s.delay = Duration::ZERO);
+    let out = run(&token, &[]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        idp.with(|s| s.reuse_detected),
+        0,
+        "a spent refresh token was presented"
+    );
+}

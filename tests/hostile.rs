@@ -1011,3 +1011,75 @@ async fn under_a_low_open_file_limit_idle_clients_cannot_starve_token_writes_or_
         w.abort();
     }
 }
+
+/// Reads from `s` for `wait` and returns what arrived (a keep-alive answer: no close).
+async fn read_for(s: &mut TcpStream, wait: Duration) -> String {
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    let deadline = Instant::now() + wait;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Regression (#13 item 15, found by an attacker's review): hyper closes at once only a
+/// connection that is idle between requests or has sent nothing, so connections holding
+/// part of a first request head kept their slots for the whole header-read timeout (30 s)
+/// and a local process could keep EmailEngine out at the cap. They are dropped now; and
+/// while such connections exist, an idle one that was answered (EmailEngine's) is not
+/// the one closed.
+#[tokio::test]
+async fn half_sent_request_heads_cannot_hold_the_connection_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let sc = sidecar(dir.path(), |o| {
+        o.max_connections = 4;
+        o.header_read_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let a = sc.local_addr;
+    // EmailEngine's keep-alive connection, answered once.
+    let mut emailengine = TcpStream::connect(a).await.unwrap();
+    let ask = b"GET /authentication?account=pw HTTP/1.1\r\nHost: x\r\n\r\n";
+    emailengine.write_all(ask).await.unwrap();
+    assert!(read_for(&mut emailengine, Duration::from_millis(300))
+        .await
+        .starts_with("HTTP/1.1 200"));
+    // An attacker fills the rest of the cap, and keeps opening more, each with a few
+    // bytes of a request head.
+    let mut attacker = Vec::new();
+    for _ in 0..8 {
+        let mut s = TcpStream::connect(a).await.unwrap();
+        s.write_all(b"GET /authenti").await.unwrap();
+        attacker.push(s);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    // A new client is admitted at once, not after 30 s.
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let t = Instant::now();
+    let r = c
+        .get(format!("http://{a}/authentication?account=pw"))
+        .send()
+        .await
+        .expect("a new client is admitted while half-sent heads fill the cap");
+    assert_eq!(r.status(), 200);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "admitted after {:?}",
+        t.elapsed()
+    );
+    // EmailEngine's idle connection was never the one closed.
+    emailengine.write_all(ask).await.unwrap();
+    let again = read_for(&mut emailengine, Duration::from_millis(300)).await;
+    assert!(
+        again.starts_with("HTTP/1.1 200"),
+        "EmailEngine's connection: {again:?}"
+    );
+    sc.shutdown().await;
+}

@@ -727,12 +727,17 @@ async fn a_removed_account_gets_404_and_is_forgotten() {
     ] {
         assert_eq!(ask(&c, sc.local_addr, q, None).await.status, 404, "{q}");
     }
+    // A request that read the old map just before the swap may reach the cache after the
+    // diff and track the key again; the sidecar removes such keys once more a second
+    // later (`Sidecar::apply_diff`; one record per key, issue #14, will close this).
     assert!(
-        sc.sidecar
+        eventually(Duration::from_secs(3), || sc
+            .sidecar
             .cache()
             .keys()
             .iter()
-            .all(|k| &*k.account != "gone"),
+            .all(|k| &*k.account != "gone"))
+        .await,
         "its cache entries are evicted"
     );
     let v: Value = c

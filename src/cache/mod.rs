@@ -85,14 +85,7 @@ pub enum CacheError {
     },
 }
 
-/// `at + d`, checked: where the sum would overflow the clock (a delay of centuries), an
-/// instant 30 years on, which is never reached either.
-fn later(at: Instant, d: Duration) -> Instant {
-    const FAR: Duration = Duration::from_secs(30 * 365 * 86_400);
-    at.checked_add(d)
-        .or_else(|| at.checked_add(FAR))
-        .unwrap_or(at)
-}
+use schedule::later;
 
 type FetchResult = Result<CachedToken, Arc<ProviderError>>;
 /// A fetch under way, awaitable by any number of callers.
@@ -140,6 +133,16 @@ fn read_cell(cell: &TokenCell, set: &CredentialSet) -> Result<Bytes, Option<Cach
     } else {
         Err(Some(tok.clone()))
     }
+}
+
+/// The token in `cell`, if it was fetched with `set`'s credentials and is fresh.
+fn fresh_in(cell: &TokenCell, set: &CredentialSet) -> Option<CachedToken> {
+    let guard = cell_lock(cell);
+    let tok = guard
+        .as_ref()
+        .filter(|t| t.fingerprint == set.fingerprint)?;
+    let remaining = tok.expires_at.checked_duration_since(Instant::now());
+    (schedule::freshness(remaining, tok.min_life) == Freshness::Fresh).then(|| tok.clone())
 }
 
 /// The token cell a credential set found in moka last, kept in the set (see
@@ -659,7 +662,8 @@ impl TokenCache {
                 // Stale tokens keep a small floor of life so none expires on its way to
                 // EmailEngine or in its hands.
                 Some(tok)
-                    if tok.expires_at > Instant::now() + schedule::stale_floor(tok.min_life) =>
+                    if tok.expires_at
+                        > later(Instant::now(), schedule::stale_floor(tok.min_life)) =>
                 {
                     self.metrics.cache_event(CacheEvent::StaleServed);
                     Ok((tok.body.clone(), Source::Stale))
@@ -698,6 +702,7 @@ impl TokenCache {
             .unwrap_or_else(Instant::now);
         let mut source = None;
         let mut first_look = true;
+        let mut last_joined: Option<Flight> = None;
         loop {
             let step = {
                 let mut keys = self.lock();
@@ -716,6 +721,11 @@ impl TokenCache {
                         None => return Err(unavailable(None, "the account's credentials changed")),
                     }
                 };
+                // An attempt may have started and succeeded between the wake-up and this
+                // look: take its token rather than start another one.
+                if let Some(tok) = fresh_in(&rec.cell, set) {
+                    return Ok((tok, source.unwrap_or(Source::Joined)));
+                }
                 if let Some(f) = &rec.inflight {
                     Step::Join(f.clone(), Source::Joined)
                 } else if let Some(fail) = rec.failure.as_ref().filter(|f| f.retry_at > now) {
@@ -747,6 +757,12 @@ impl TokenCache {
                 }
                 Step::Join(flight, joined_as) => {
                     let source = *source.get_or_insert(joined_as);
+                    // A flight that ended without its record learning it (its task was
+                    // cancelled) would be joined again and again: once is enough.
+                    if last_joined.as_ref().is_some_and(|l| l.ptr_eq(&flight)) {
+                        return Err(unavailable(None, "the token fetch was lost; it is retried"));
+                    }
+                    last_joined = Some(flight.clone());
                     match tokio::time::timeout_at(deadline, flight).await {
                         Ok(Ok(tok)) => return Ok((tok, source)),
                         Ok(Err(e)) if !hold || e.class == ErrorClass::Permanent => {
@@ -867,10 +883,19 @@ impl TokenCache {
             drop(slot);
             result
         });
+        let (cache, set, generation) = (Arc::downgrade(self), rec.set.clone(), rec.generation);
         let flight = async move {
             match handle.await {
                 Ok(r) => r,
-                Err(_) => Err(Arc::new(ProviderError::transient("fetch_task_failed"))),
+                // Cancelled (or its panic handling panicked): recorded as a failure, so
+                // the key is not left "refreshing" behind a flight that is over.
+                Err(_) => {
+                    let e = ProviderError::transient("fetch_task_failed");
+                    match cache.upgrade() {
+                        Some(cache) => Err(cache.fetch_failed(&set, generation, e)),
+                        None => Err(Arc::new(e)),
+                    }
+                }
             }
         }
         .boxed()
@@ -1235,7 +1260,10 @@ impl TokenCache {
                 }
             }
         };
-        match tokio::time::timeout(self.policy.request_wait, flight).await {
+        // An operator's explicit refresh waits for its answer even where requests are
+        // answered at once (`--request-wait 0s`).
+        let wait = self.policy.request_wait.max(Duration::from_secs(10));
+        match tokio::time::timeout(wait, flight).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(self.error_from(set, &e, None)),
             Err(_) => Err(unavailable(

@@ -53,6 +53,15 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
 /// outlive any revocation.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
+/// `at + d`, checked: where the sum would overflow the clock (a delay of centuries), an
+/// instant 30 years on, which is never reached either.
+pub fn later(at: Instant, d: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(30 * 365 * 86_400);
+    at.checked_add(d)
+        .or_else(|| at.checked_add(FAR))
+        .unwrap_or(at)
+}
+
 /// The shortest Retry-After while no token can be had: a client told less would come back
 /// before anything changed and use up its retries (EmailEngine makes six requests in one
 /// lookup).
