@@ -1536,6 +1536,57 @@ mod tests {
         cache.settle(rec);
     }
 
+    /// Review finding: a request held through a back-off is woken when an attempt starts,
+    /// but may only look again after that attempt succeeded. It must take that token, not
+    /// start another refresh (which would spend the refresh token once more).
+    #[tokio::test]
+    async fn a_held_request_woken_after_an_attempt_succeeded_takes_its_token() {
+        let cache = offline_cache(Policy {
+            backoff_base: Duration::from_secs(4),
+            backoff_max: Duration::from_secs(4),
+            request_wait: Duration::from_secs(5),
+            ..Policy::default()
+        });
+        let set = sets(1).remove(0);
+        // A first attempt fails (nothing listens at the token URL): the key backs off
+        // 2-4 s, within the held request's 5 s.
+        let first = cache.warm(&set).expect("a fetch starts");
+        assert!(first.await.is_err());
+        let held = tokio::spawn({
+            let (cache, set) = (cache.clone(), set.clone());
+            async move { cache.get(&set).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The retry started and succeeded before the woken request took the lock.
+        {
+            let mut keys = cache.lock();
+            let rec = keys.get_mut(&set.key).expect("tracked");
+            *cell_lock(&rec.cell) = Some(CachedToken {
+                body: Bytes::from_static(b"{\"user\":\"u\",\"accessToken\":\"t\"}"),
+                fingerprint: set.fingerprint,
+                expires_at: Instant::now() + Duration::from_secs(3600),
+                min_life: Duration::from_secs(60),
+            });
+            rec.failure = None;
+            rec.expires = Some((
+                Instant::now() + Duration::from_secs(3600),
+                SystemTime::now() + Duration::from_secs(3600),
+            ));
+            cache.settle(rec);
+            wake(&mut rec.waiters);
+        }
+        let got = tokio::time::timeout(Duration::from_secs(1), held)
+            .await
+            .expect("answered at once, not at the end of its hold")
+            .unwrap();
+        let (body, _) = got.expect("the token the attempt stored");
+        assert_eq!(&body[..], b"{\"user\":\"u\",\"accessToken\":\"t\"}");
+        assert!(
+            cache.in_flight().is_empty(),
+            "no second refresh was started"
+        );
+    }
+
     #[tokio::test]
     async fn a_token_whose_moka_entry_is_missing_is_served_and_its_entry_put_back() {
         let cache = offline_cache(Policy::default());
