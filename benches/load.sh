@@ -37,28 +37,9 @@ BIN=target/release/ee-auth-sidecar
 FLOOR=target/release/examples/floor
 MOCK=target/release/examples/mock_idp
 
-# Pinning: servers on core 0, the load generator on core 1 (see the header).
-SERVER_PIN=(); CLIENT_PIN=()
-# The first two CPUs this process may use (a cpuset need not start at CPU 0).
-read -r CPU_A CPU_B < <(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0))[:2])')
-if command -v taskset >/dev/null && [ -n "${CPU_B:-}" ]; then
-  SERVER_PIN=(taskset -c "$CPU_A"); CLIENT_PIN=(taskset -c "$CPU_B")
-fi
-
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-wait_ready() { # url, timeout seconds
-  local deadline=$((SECONDS + $2))
-  until curl -fsS -o /dev/null "$1" 2>/dev/null; do
-    [ $SECONDS -lt $deadline ] || { echo "timed out waiting for $1" >&2; exit 1; }
-    sleep 0.05
-  done
-}
-rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+# Pinning (servers on the first CPU, the load generator on the second; see the header),
+# cleanup, ports, readiness.
+. benches/common.sh
 
 MOCK_PORT=$(port); SIDE_PORT=$(port); FLOOR_PORT=$(port)
 "$MOCK" "127.0.0.1:$MOCK_PORT" 3600 "$TOKEN_BYTES" >"$work/mock.out" 2>"$work/mock.err" &

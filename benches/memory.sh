@@ -18,13 +18,7 @@ LIFETIME=${2:-60}
 TOKEN_BYTES=2000
 
 cargo build --release --locked --bin ee-auth-sidecar --example mock_idp 2>&1 | tail -1
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+. benches/common.sh
 report() { # label rss_kb
   python3 -c "n=$ACCOUNTS; rss=$2*1024; budget=n*($TOKEN_BYTES+1024); print(f'$1: rss {rss/1048576:.1f} MiB, {rss/n:.0f} B/account; budget token+1KiB = {budget/1048576:.1f} MiB')"
 }
