@@ -923,14 +923,7 @@ async fn full_run_leaks_no_secret(mode: LogMode) {
             200
         );
     }
-    let metrics = c
-        .get(format!("http://{a}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&c, a).await;
     seen.add("/metrics", &metrics);
 
     let (stop, signal) = match mode {

@@ -82,16 +82,7 @@ async fn force_refresh(c: &reqwest::Client, addr: SocketAddr, id: &str) -> u16 {
 
 /// The value of an unlabelled sample in `/metrics`.
 async fn metric(c: &reqwest::Client, addr: SocketAddr, name: &str) -> Option<f64> {
-    let text = c
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    sample(&scrape(c, addr).await, name)
 }
 
 // ---------------------------------------------------------------------------------------

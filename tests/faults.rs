@@ -222,12 +222,7 @@ fn max_attempts(window: Duration, cost: Duration, retry_after: Option<Duration>)
 }
 
 fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
+    sample(text, series).unwrap_or(0.0)
 }
 
 fn failed_attempts(sc: &Running) -> u64 {

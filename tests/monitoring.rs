@@ -184,14 +184,7 @@ async fn dashboard_and_alert_rules_use_only_exported_series() {
     assert_eq!(ask(&c, addr, "account=bob", None).await.status, 429);
     idp.set_fault(Fault::invalid_grant(None));
     assert_eq!(ask(&c, addr, "account=carol", None).await.status, 403);
-    let text = c
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape(&c, addr).await;
     running.shutdown().await;
     let scrape = parse_scrape(&text);
     assert!(scrape.contains_key("ee_auth_refreshes_total"), "{text}");

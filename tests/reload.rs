@@ -94,21 +94,7 @@ fn kube_config(root: &Path, content: Vec<u8>) -> KubeVolume {
 
 /// The value of one sample line of `/metrics` (`name{labels}`), 0 when absent.
 async fn metric(c: &reqwest::Client, sc: &Running, series: &str) -> f64 {
-    let text = c
-        .get(format!("http://{}/metrics", sc.local_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .map(|v| v.trim().parse::<f64>().unwrap())
-        })
-        .unwrap_or(0.0)
+    sample(&scrape(c, sc.local_addr).await, series).unwrap_or(0.0)
 }
 
 const RELOADS_OK: &str = r#"ee_auth_config_reloads_total{outcome="ok"}"#;
@@ -1297,14 +1283,7 @@ async fn the_binary_logs_one_clear_error_for_a_bad_config_and_no_secret() {
     }
     let all = std::fs::read_to_string(&log).unwrap();
     assert!(!all.contains("must-not-be-logged"), "a secret was logged");
-    let metrics = c
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&c, addr).await;
     assert!(
         metrics.lines().any(|l| l == format!("{RELOADS_FAILED} 1")),
         "{metrics}"

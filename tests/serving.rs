@@ -226,20 +226,7 @@ async fn a_thousand_concurrent_cold_requests_make_one_upstream_call() {
 
 /// Reads one sample of /metrics, e.g. `ee_auth_requests_total{proto="imap",outcome="miss"}`.
 async fn metric(c: &reqwest::Client, addr: std::net::SocketAddr, series: &str) -> f64 {
-    let text = c
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
+    sample(&scrape(c, addr).await, series).unwrap_or(0.0)
 }
 
 #[tokio::test]

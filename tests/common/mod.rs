@@ -688,3 +688,27 @@ pub fn mkfifo(path: &Path) {
         .success();
     assert!(ok, "mkfifo {} failed", path.display());
 }
+
+/// A sidecar's `/metrics` text (the scrape must answer 200).
+pub async fn scrape(c: &reqwest::Client, addr: SocketAddr) -> String {
+    let resp = c
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .expect("/metrics answers");
+    assert_eq!(resp.status().as_u16(), 200, "/metrics");
+    resp.text().await.unwrap()
+}
+
+/// The value of one sample in Prometheus text, `series` written exactly as exported
+/// (`name` or `name{labels}`); `None` when it is not there.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let value = l.strip_prefix(series)?.strip_prefix(' ')?.trim();
+        Some(
+            value
+                .parse()
+                .unwrap_or_else(|_| panic!("{series}: not a number: {value}")),
+        )
+    })
+}
