@@ -1,7 +1,7 @@
 //! What one moka entry costs in heap bytes, built the way the token cache builds its
-//! index (same key type, initial capacity, a shared cell as the value), next to
+//! index (same key type, initial capacity, an `Arc` as the value), next to
 //! a plain `HashMap` holding the same keys and values. P5's memory budget is token bytes
-//! + 1 KiB per account; this is the share moka alone takes (BENCHMARKS.md, P5).
+//! + 1.5 KiB per account; this is the share moka alone takes (BENCHMARKS.md, P5).
 //!
 //! Usage: `cargo run --release --example moka_entry_cost [ENTRIES=100000]` (glibc: the
 //! numbers are glibc's own count of bytes in use, chunk headers included).
@@ -36,27 +36,24 @@ fn main() {
         .map(|i| CredentialKey::new(Arc::from(format!("acct-{i}")), set.clone()))
         .collect();
     let cells: Vec<Cell> = (0..entries).map(|_| Cell::default()).collect();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("a runtime");
-
     let before = heap_in_use();
-    let moka_cost = runtime.block_on(async {
-        let cache: moka::future::Cache<CredentialKey, Cell> = moka::future::Cache::builder()
+    let moka_cost = {
+        let cache: moka::sync::Cache<CredentialKey, Cell> = moka::sync::Cache::builder()
             .initial_capacity(entries)
+            .eviction_listener(|_, _, _| {})
             .build();
         for (key, cell) in keys.iter().zip(&cells) {
-            cache.insert(key.clone(), cell.clone()).await;
+            cache.insert(key.clone(), cell.clone());
         }
         // Every entry read once, and moka's pending bookkeeping applied, as in service.
         for key in &keys {
-            std::hint::black_box(cache.get(key).await);
+            std::hint::black_box(cache.get(key));
         }
-        cache.run_pending_tasks().await;
+        cache.run_pending_tasks();
         let cost = heap_in_use().saturating_sub(before);
         drop(cache);
         cost
-    });
+    };
 
     let before = heap_in_use();
     let mut map: HashMap<CredentialKey, Cell> = HashMap::with_capacity(entries);
@@ -68,7 +65,7 @@ fn main() {
 
     println!("entries: {entries}");
     println!(
-        "moka::future::Cache: {:.0} bytes per entry",
+        "moka::sync::Cache:   {:.0} bytes per entry",
         moka_cost as f64 / entries as f64
     );
     println!(

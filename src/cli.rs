@@ -9,8 +9,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::cache::schedule::Policy;
 use crate::config::{self, AccountKind};
+use crate::options::Options;
 use crate::protocol::Proto;
-use crate::sidecar::Options;
 
 /// `--version` text: the crate version and the git revision it was built from.
 pub const VERSION: &str = concat!(
@@ -425,7 +425,7 @@ pub async fn token(args: &TokenArgs) -> i32 {
                 ..Policy::default()
             };
             let cache = crate::cache::TokenCache::new(upstream, policy, metrics, 1);
-            let got = cache.get(&set).await;
+            let got = cache.get(&cache.install(&set)).await;
             // The request may give up while an attempt is still under way (it is held
             // through back-offs): start nothing more, and wait for what was sent, so a
             // rotation in its answer is written before the directory is let go.

@@ -303,9 +303,6 @@ pub struct CredentialSet {
     pub refresh_token: Option<Secret>,
     /// Digest of everything above including secrets: a change means "drop the token".
     pub fingerprint: [u8; 32],
-    /// Where the cache found this set's token last (the cache's own bookkeeping, opaque
-    /// here): a repeat hit then skips moka's lookup.
-    pub token_cell: crate::cache::TokenMemo,
 }
 
 /// An account whose answer comes from an identity provider.
@@ -1062,7 +1059,6 @@ fn build_account(
                 None
             },
             fingerprint,
-            token_cell: Default::default(),
         }))
     };
 

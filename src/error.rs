@@ -69,7 +69,9 @@ impl ServeError {
             ServeError::ListFailed | ServeError::ListBusy => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::RefreshRateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ServeError::UnknownAccount | ServeError::NotFound => StatusCode::NOT_FOUND,
-            ServeError::Cache(CacheError::Unavailable { .. }) => StatusCode::TOO_MANY_REQUESTS,
+            ServeError::Cache(CacheError::Unavailable { .. } | CacheError::Superseded) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ServeError::Cache(CacheError::Failed { .. }) => StatusCode::FORBIDDEN,
         }
     }
@@ -85,7 +87,9 @@ impl ServeError {
                 Outcome::Unavailable
             }
             ServeError::UnknownAccount | ServeError::NotFound => Outcome::NotFound,
-            ServeError::Cache(CacheError::Unavailable { .. }) => Outcome::Unavailable,
+            ServeError::Cache(CacheError::Unavailable { .. } | CacheError::Superseded) => {
+                Outcome::Unavailable
+            }
             ServeError::Cache(CacheError::Failed { .. }) => Outcome::Failed,
         }
     }
@@ -118,6 +122,9 @@ impl ServeError {
                     header::RETRY_AFTER,
                     HeaderValue::from(retry_after_secs(*retry_after)),
                 );
+            }
+            ServeError::Cache(CacheError::Superseded) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(1));
             }
             _ => {}
         }

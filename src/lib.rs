@@ -4,9 +4,12 @@
 //! connection and every Gmail/Graph API request. This crate answers from memory with a
 //! token that is never expired, refreshed ahead of expiry in the background.
 //!
-//! Data flows request → [`protocol`] → [`cache`] → [`upstream`] → [`provider`]; the
-//! account map flows in through [`config`] and one `ArcSwap` in [`sidecar`], replaced by
-//! [`reload`]. Rotated refresh tokens are kept durable by [`state`].
+//! See ARCHITECTURE.md for the module map, one request's path and who owns what.
+//!
+//! Data flows request → [`server`] → [`protocol`] → [`cache`] → [`upstream`] →
+//! [`provider`]; the account map flows in through [`config`], is turned into routes in
+//! [`shared`] and replaced by [`reload`]; [`sidecar`] builds and stops it all. Rotated
+//! refresh tokens are kept durable by [`state`].
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -19,13 +22,17 @@ pub mod error;
 pub mod files;
 pub mod limits;
 pub mod metrics;
+pub mod options;
+pub mod priority;
 pub mod protocol;
 pub mod provider;
 pub mod reload;
 pub mod secret;
 pub mod server;
+pub mod shared;
 pub mod sidecar;
 pub mod state;
 pub mod upstream;
 
-pub use sidecar::{start, Options, Running, StartError};
+pub use options::Options;
+pub use sidecar::{start, Running, StartError};

@@ -19,7 +19,10 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch as watch_channel};
 use tokio::time::Instant;
 
-use crate::sidecar::Sidecar;
+use crate::config::{self, ConfigError, ConfigErrors};
+use crate::options::check_listen;
+use crate::priority::{at_low_priority, release_freed_memory};
+use crate::shared::{now_rfc3339, Changes, Routes, Sidecar};
 
 /// Directories whose changes may change the config: each file's own directory and the
 /// directory its symlink chain ends in.
@@ -218,6 +221,122 @@ pub fn watch(
                 _watcher = make_watcher(&new_dirs, tx.clone());
                 dirs = new_dirs;
             }
+        }
+    }
+}
+
+impl Sidecar {
+    /// Re-reads the config file and, if it changed and is valid, swaps in its routes and
+    /// applies the differences to the cache. An invalid config changes nothing.
+    pub async fn reload(self: &Arc<Self>) -> Result<bool, ConfigErrors> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let path = self.options.config_path.clone();
+        // Files byte-for-byte as the config in use was built from them: nothing to parse.
+        // Only when the last attempt succeeded; a broken file is re-parsed (and its error
+        // deduplicated) until it is fixed.
+        let current = self.routes.load_full();
+        let last_failed = self.reload_status_lock().last_error.is_some();
+        let (cache, options) = (self.cache.clone(), self.options.clone());
+        // Parsing, validating and routing 100k accounts takes most of a second of CPU:
+        // kept off the serving thread.
+        let loaded = at_low_priority(move || {
+            if !last_failed && current.config().files_unchanged(&path) {
+                return Ok(None);
+            }
+            let config = config::load(&path)?;
+            if config.fingerprint == current.config().fingerprint {
+                return Ok(Some(None));
+            }
+            check_listen(&options, &config).map_err(|e| ConfigErrors {
+                file: path.clone(),
+                errors: vec![ConfigError::new("auth", e.to_string())],
+            })?;
+            let built = Routes::build(Arc::new(config), &cache, Some(&current));
+            drop(current);
+            release_freed_memory();
+            Ok(Some(Some(built)))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(ConfigErrors {
+                file: self.options.config_path.clone(),
+                errors: vec![ConfigError::new("(file)", format!("loader failed: {e}"))],
+            })
+        });
+        match loaded {
+            Ok(None) => Ok(false),
+            Ok(Some(None)) => {
+                // The file is back to the config in use (an operator reverted a bad
+                // edit): the error shown is no longer true.
+                let mut st = self.reload_status_lock();
+                if st.last_error.take().is_some() {
+                    st.last_error_at = None;
+                    tracing::info!(file = %self.options.config_path.display(), "config file is valid again and unchanged from the one in use");
+                }
+                Ok(false)
+            }
+            Ok(Some(Some((routes, changes)))) => {
+                let accounts = routes.config().accounts.len();
+                let old = self.routes.swap(Arc::new(routes));
+                self.metrics.reload(true);
+                {
+                    let mut st = self.reload_status_lock();
+                    st.last_success_at = Some(now_rfc3339());
+                    st.last_error = None;
+                    st.last_error_at = None;
+                }
+                self.apply(changes, accounts);
+                // Freeing a big map takes a while: off the serving thread too.
+                let _ = at_low_priority(move || {
+                    drop(old);
+                    release_freed_memory();
+                })
+                .await;
+                Ok(true)
+            }
+            Err(errors) => {
+                let messages: Vec<String> = errors.errors.iter().map(ToString::to_string).collect();
+                let mut st = self.reload_status_lock();
+                if st.last_error.as_ref() == Some(&messages) {
+                    // The same broken file looked at again (periodic re-read, an unrelated
+                    // event): it was logged and counted when it first appeared.
+                    return Err(errors);
+                }
+                self.metrics.reload(false);
+                tracing::error!(file = %errors.file.display(), "{errors}; keeping the previous config");
+                st.last_error = Some(messages);
+                st.last_error_at = Some(now_rfc3339());
+                Err(errors)
+            }
+        }
+    }
+
+    fn reload_status_lock(&self) -> std::sync::MutexGuard<'_, crate::shared::ReloadStatus> {
+        self.reload_status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Brings the cache in line with routes just swapped in: new entries become their
+    /// keys' (retiring the ones they replace), removed keys are retired, and new or
+    /// changed accounts are warmed in the background. Unchanged keys keep their entries
+    /// and cause no upstream call. A request that still holds the old routes finds a
+    /// retired entry and asks the new routes ([`crate::cache::CacheError::Superseded`]).
+    fn apply(self: &Arc<Self>, changes: Changes, accounts: usize) {
+        for entry in &changes.commit {
+            self.cache.commit(entry);
+        }
+        for key in &changes.removed {
+            self.cache.remove(key);
+        }
+        tracing::info!(
+            accounts,
+            removed_sets = changes.removed.len(),
+            changed_sets = changes.commit.len(),
+            warming_sets = changes.warm.len(),
+            "config reloaded"
+        );
+        if !changes.warm.is_empty() {
+            let this = self.clone();
+            tokio::spawn(async move { this.warm_all(changes.warm).await });
         }
     }
 }

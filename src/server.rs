@@ -20,13 +20,13 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::cache::schedule::later;
-use crate::cache::{KeyStatus, Source, TokenCache};
-use crate::config::{AccountKind, Config, CredentialKey, CredentialSet, OAuthAccount};
+use crate::cache::{CacheError, KeyEntry, KeyStatus, Source, TokenCache};
+use crate::config::{AccountKind, Config, CredentialSet, OAuthAccount};
 use crate::connections::{Conn, Registry};
 use crate::error::{json_response, ServeError};
 use crate::metrics::Outcome;
 use crate::protocol::{self, parse_query, Proto};
-use crate::sidecar::Sidecar;
+use crate::shared::{Route, Sidecar};
 use crate::state::{PersistStatus, TokenStore};
 
 /// Largest request head we read; beyond it the answer is 431.
@@ -327,10 +327,10 @@ async fn answer(
     if method != Method::GET {
         return Err(ServeError::MethodNotAllowed("GET"));
     }
-    let set = {
+    let (entry, account, proto) = {
         // The snapshot guard is dropped before any await.
-        let config = sidecar.config();
-        if let Some(auth) = &config.auth {
+        let routes = sidecar.routes();
+        if let Some(auth) = &routes.config().auth {
             let header = headers
                 .get(header::AUTHORIZATION)
                 .map(HeaderValue::as_bytes);
@@ -341,16 +341,42 @@ async fn answer(
         }
         let query = parse_query(uri.query())?;
         *proto_out = query.proto;
-        let Some(account) = config.account(&query.account) else {
+        let Some(route) = routes.route(&query.account) else {
             wiring::unknown_account(&query.account);
             return Err(ServeError::UnknownAccount);
         };
-        match &account.kind {
-            AccountKind::Fixed(body) => return Ok((body.clone(), Outcome::Fixed)),
-            AccountKind::OAuth(o) => o.set_for(query.proto).clone(),
+        match route {
+            Route::Fixed(body) => return Ok((body.clone(), Outcome::Fixed)),
+            Route::OAuth(entries) => {
+                let entry = &entries[query.proto.map_or(0, |p| p as usize + 1)];
+                if let Some(body) = sidecar.cache().hit(entry) {
+                    return Ok((body, Outcome::Hit));
+                }
+                (entry.clone(), query.account, query.proto)
+            }
         }
     };
-    let (body, source) = sidecar.cache().get(&set).await?;
+    let (body, source) = match sidecar.cache().get(&entry).await {
+        // The key was removed or got new credentials after this request read the routes:
+        // the routes in use now say what serves it.
+        Err(CacheError::Superseded) => {
+            let entry = {
+                let routes = sidecar.routes();
+                match routes.route(&account) {
+                    // Removed: answered for the account it asked about; the client's
+                    // next request learns it is gone.
+                    None => return Err(CacheError::Superseded.into()),
+                    Some(Route::Fixed(body)) => return Ok((body.clone(), Outcome::Fixed)),
+                    Some(route) => route.entry_for(proto).cloned(),
+                }
+            };
+            match entry {
+                Some(entry) => sidecar.cache().get(&entry).await?,
+                None => return Err(CacheError::Superseded.into()),
+            }
+        }
+        other => other?,
+    };
     let outcome = match source {
         Source::Hit => Outcome::Hit,
         Source::Joined => Outcome::Joined,
@@ -390,22 +416,22 @@ async fn admin(
             let page = Page::parse(req.uri().query())?;
             let sidecar = sidecar.clone();
             // Sorting and rendering every account is proportional to the map (100k
-            // accounts: tens of MB of JSON): done on a thread of its own, reading the
-            // cache under its lock one chunk of accounts at a time, at normal priority
-            // (a thread holding that lock must not be starved by others), then
-            // rendering at nice +10, as reloads do (BENCHMARKS.md, item 8).
+            // accounts: tens of MB of JSON): done on a thread of its own, reading each
+            // key's status at normal priority (a thread holding a key's lock must not be
+            // starved), then rendering at nice +10, as reloads do (BENCHMARKS.md, item 8).
             let building = sidecar.list_build().ok_or(ServeError::ListBusy)?;
             let (done, rendered) = tokio::sync::oneshot::channel();
             std::thread::Builder::new()
                 .name("ee-admin-list".into())
                 .spawn(move || {
-                    let _building = building;
                     let body = list(
                         &sidecar,
                         &config,
                         &page,
-                        crate::sidecar::lower_this_threads_priority,
+                        crate::priority::lower_this_threads_priority,
                     );
+                    // Free before answering: a client's next list must find the place.
+                    drop(building);
                     let _ = done.send(body);
                 })
                 .map_err(|_| ServeError::ListFailed)?;
@@ -430,25 +456,33 @@ async fn admin(
             // The sets in use (tracked by the cache) and the ones pre-warm keeps fresh; a
             // set nobody asked for (say the Graph set of an IMAP-only account) is left
             // alone, as it would be in normal operation.
+            let route = sidecar
+                .routes()
+                .route(&id)
+                .cloned()
+                .ok_or(ServeError::UnknownAccount)?;
             let mut sets: Vec<&Arc<CredentialSet>> = o.warm_sets();
             for set in o.sets() {
                 if sidecar.cache().is_tracked(&set.key) && !sets.iter().any(|s| s.key == set.key) {
                     sets.push(set);
                 }
             }
+            let entries: Vec<Arc<KeyEntry>> = sets
+                .iter()
+                .filter_map(|set| route.entry_of(&set.key).cloned())
+                .collect();
             // A forced refresh ignores back-off, so it is the one way to make the sidecar
             // call a provider at will: at most one new call per set per interval.
             let interval = sidecar.options().forced_refresh_interval;
-            if let Some(wait) = sidecar.cache().forced_refresh_wait(&sets, interval) {
+            if let Some(wait) = sidecar.cache().forced_refresh_wait(&entries, interval) {
                 return Err(ServeError::RefreshRateLimited(wait));
             }
-            let mut results = Vec::with_capacity(sets.len());
+            let mut results = Vec::with_capacity(entries.len());
             let mut failed = 0;
-            for set in sets {
+            for entry in &entries {
                 // Sequential on purpose: sets of one account share its refresh token.
-                let outcome = sidecar.cache().force_refresh(set).await;
-                let status = sidecar.cache().status_of(&[&set.key]).pop().flatten();
-                let mut v = serde_json::to_value(set_view(o, status, set))
+                let outcome = sidecar.cache().force_refresh(entry).await;
+                let mut v = serde_json::to_value(set_view(o, entry.status(), entry.set()))
                     .unwrap_or(serde_json::Value::Null);
                 v["refreshed"] = serde_json::Value::Bool(outcome.is_ok());
                 if let Err(e) = outcome {
@@ -472,8 +506,6 @@ async fn admin(
     }
 }
 
-/// Accounts the admin list renders per hold of the cache's lock.
-const LIST_CHUNK: usize = 128;
 /// The largest `limit` the admin list takes.
 const MAX_LIMIT: usize = 1_000_000;
 
@@ -550,21 +582,23 @@ fn list(sidecar: &Sidecar, config: &Config, page: &Page, then_lower_priority: fn
     };
     let mut matched = 0usize;
     let mut shown = Vec::new();
-    for chunk in candidates.chunks(LIST_CHUNK) {
-        for view in chunk_views(sidecar.cache(), sidecar.token_store(), config, chunk) {
-            if let Some(state) = page.state {
-                if !view.credential_sets.iter().any(|s| s.state() == state) {
-                    continue;
-                }
-                matched += 1;
-                if matched <= page.offset || matched > end {
-                    continue;
-                }
+    for id in candidates {
+        let Some(account) = config.account(id) else {
+            continue;
+        };
+        let view = account_view(sidecar.cache(), sidecar.token_store(), id, account);
+        if let Some(state) = page.state {
+            if !view.credential_sets.iter().any(|s| s.state() == state) {
+                continue;
             }
-            shown.push(view);
+            matched += 1;
+            if matched <= page.offset || matched > end {
+                continue;
+            }
         }
+        shown.push(view);
     }
-    // The cache's lock is no longer needed: the rest (most of the CPU) may yield to
+    // No key's lock is needed any more: the rest (most of the CPU) may yield to
     // the serving thread.
     then_lower_priority();
     let total = if page.state.is_some() {
@@ -589,48 +623,6 @@ fn list(sidecar: &Sidecar, config: &Config, page: &Page, then_lower_priority: fn
     Bytes::from(out)
 }
 
-/// Views of a few accounts, their statuses read under one hold of the cache's lock.
-fn chunk_views<'a>(
-    cache: &TokenCache,
-    store: &TokenStore,
-    config: &'a Config,
-    ids: &[&'a Arc<str>],
-) -> Vec<AccountView<'a>> {
-    let accounts: Vec<(&'a str, &'a Arc<crate::config::Account>)> = ids
-        .iter()
-        .filter_map(|id| config.account(id).map(|a| (&***id, a)))
-        .collect();
-    let keys: Vec<&CredentialKey> = accounts
-        .iter()
-        .flat_map(|(_, a)| match &a.kind {
-            AccountKind::OAuth(o) => o.sets().into_iter().map(|s| &s.key).collect(),
-            AccountKind::Fixed(_) => Vec::new(),
-        })
-        .collect();
-    let mut statuses = cache.status_of(&keys).into_iter();
-    accounts
-        .into_iter()
-        .map(|(id, account)| match &account.kind {
-            AccountKind::Fixed(_) => AccountView {
-                id,
-                kind: "fixed",
-                credential_sets: Vec::new(),
-                persist: None,
-            },
-            AccountKind::OAuth(o) => AccountView {
-                id,
-                kind: "oauth2",
-                credential_sets: o
-                    .sets()
-                    .into_iter()
-                    .map(|set| set_view(o, statuses.next().flatten(), set))
-                    .collect(),
-                persist: store.persist_status(id).map(PersistView::from),
-            },
-        })
-        .collect()
-}
-
 /// One account for the admin API: every credential set it has, fetched yet or not.
 fn account_view<'a>(
     cache: &TokenCache,
@@ -645,21 +637,16 @@ fn account_view<'a>(
             credential_sets: Vec::new(),
             persist: None,
         },
-        AccountKind::OAuth(o) => {
-            let sets = o.sets();
-            let keys: Vec<&CredentialKey> = sets.iter().map(|s| &s.key).collect();
-            let statuses = cache.status_of(&keys);
-            AccountView {
-                id,
-                kind: "oauth2",
-                credential_sets: sets
-                    .into_iter()
-                    .zip(statuses)
-                    .map(|(set, status)| set_view(o, status, set))
-                    .collect(),
-                persist: store.persist_status(id).map(PersistView::from),
-            }
-        }
+        AccountKind::OAuth(o) => AccountView {
+            id,
+            kind: "oauth2",
+            credential_sets: o
+                .sets()
+                .into_iter()
+                .map(|set| set_view(o, cache.status_of(set), set))
+                .collect(),
+            persist: store.persist_status(id).map(PersistView::from),
+        },
     }
 }
 

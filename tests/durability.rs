@@ -144,7 +144,8 @@ async fn from_the_first_instant_of_shutdown_no_upstream_call_starts_and_every_se
         AccountKind::OAuth(o) => o.set_for(None).clone(),
         AccountKind::Fixed(_) => unreachable!(),
     };
-    assert!(sidecar.cache().force_refresh(&idle_set).await.is_err());
+    let idle = sidecar.cache().entry(&idle_set.key).unwrap();
+    assert!(sidecar.cache().force_refresh(&idle).await.is_err());
     accounts.insert(
         "added".into(),
         json!({ "user": "n@example.com", "provider": "idp", "refreshToken": "rt-added" }),
@@ -152,7 +153,7 @@ async fn from_the_first_instant_of_shutdown_no_upstream_call_starts_and_every_se
     write_config(dir.path(), &config(&accounts));
     let _ = sidecar.reload().await;
     // ...nor a request that misses the cache.
-    assert!(sidecar.cache().get(&idle_set).await.is_err());
+    assert!(sidecar.cache().get(&idle).await.is_err());
 
     let _ = stopping.await.unwrap();
     let took = began.elapsed();

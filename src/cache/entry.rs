@@ -1,0 +1,299 @@
+//! One credential key's record: its token, read by a hit with one atomic load, and the
+//! coordination state behind a short per-key lock (never held across an await).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use futures_util::future::{BoxFuture, Shared};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::schedule::{self, Freshness};
+use crate::config::CredentialSet;
+use crate::provider::{ErrorClass, ProviderError};
+
+/// A token as served: the answer serialized once, and its timing.
+#[derive(Debug)]
+pub struct CachedToken {
+    /// `{"user","accessToken"}`.
+    pub body: Bytes,
+    /// When it expires (measured from when the request was sent, to be safe).
+    pub expires_at: Instant,
+    /// Served as fresh only with at least this much life left.
+    pub min_life: Duration,
+}
+
+impl CachedToken {
+    pub(super) fn freshness(&self, now: Instant) -> Freshness {
+        schedule::freshness(self.expires_at.checked_duration_since(now), self.min_life)
+    }
+}
+
+pub(super) type FetchResult = Result<Arc<CachedToken>, Arc<ProviderError>>;
+/// A fetch under way, awaitable by any number of callers.
+pub type Flight = Shared<BoxFuture<'static, FetchResult>>;
+
+/// An entry of a refresh queue: when, and a sequence number that makes it unique.
+pub(super) type DueId = (Instant, u64);
+
+/// The record of one credential key, made for one version of its credentials: new
+/// credentials for the key make a new record. Owned by the cache's index (moka); when
+/// moka lets go of it (the key was removed or got new credentials) it is retired, and a
+/// retired record never stores a token, starts a fetch or comes back.
+pub struct KeyEntry {
+    set: Arc<CredentialSet>,
+    pub(super) token: ArcSwapOption<CachedToken>,
+    state: Mutex<EntryState>,
+}
+
+#[derive(Default)]
+pub(super) struct EntryState {
+    pub retired: bool,
+    /// Asked for, warmed or refreshed at least once: shown with its full status and
+    /// counted (a set nobody asked for is `idle`).
+    pub used: bool,
+    pub inflight: Option<Flight>,
+    /// Rare: boxed to keep the record small.
+    pub failure: Option<Box<Failure>>,
+    pub last_ok: Option<SystemTime>,
+    /// Expiry of the stored token.
+    pub expires: Option<(Instant, SystemTime)>,
+    /// The key's entry in its provider's refresh queue.
+    pub due: Option<DueId>,
+    /// Requests held through a back-off, woken when the key's next attempt starts.
+    pub waiters: Option<Arc<Notify>>,
+    /// When a forced refresh (admin API) last started an upstream call.
+    pub forced_at: Option<Instant>,
+    /// What [`StateCounts`] counts this record as (see [`EntryState::counted_now`]).
+    pub counted: Option<Counted>,
+}
+
+/// The last failure of a key and when to try again.
+#[derive(Debug, Clone)]
+pub(super) struct Failure {
+    pub error: ProviderError,
+    pub at: SystemTime,
+    pub retry_at: Instant,
+    pub consecutive: u32,
+}
+
+impl KeyEntry {
+    pub(super) fn new(set: Arc<CredentialSet>) -> Arc<Self> {
+        Arc::new(KeyEntry {
+            set,
+            token: ArcSwapOption::empty(),
+            state: Mutex::default(),
+        })
+    }
+
+    /// The credentials this record was made for.
+    pub fn set(&self) -> &Arc<CredentialSet> {
+        &self.set
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, EntryState> {
+        // Every critical section leaves the state whole before it can panic.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The stored token if it is fresh.
+    pub(super) fn fresh(&self, now: Instant) -> Option<Arc<CachedToken>> {
+        self.token
+            .load_full()
+            .filter(|t| t.freshness(now) == Freshness::Fresh)
+    }
+
+    /// Whether the key was ever asked for under these credentials.
+    pub fn is_used(&self) -> bool {
+        self.lock().used
+    }
+
+    /// The key's status, or `None` while nobody asked for it (O(1): one short lock).
+    pub fn status(&self) -> Option<KeyStatus> {
+        let st = self.lock();
+        st.used.then(|| st.status(&self.set, Instant::now()))
+    }
+}
+
+impl EntryState {
+    pub fn state(&self) -> KeyState {
+        if self.inflight.is_some() {
+            return KeyState::Refreshing;
+        }
+        match self.failure.as_ref().map(|f| f.error.class) {
+            Some(ErrorClass::Permanent) => KeyState::FailedPermanent,
+            Some(ErrorClass::Transient) => KeyState::FailingTransient,
+            None => KeyState::Ok,
+        }
+    }
+
+    /// What the counts should hold for this record now: nothing once retired or while
+    /// unused.
+    pub fn counted_now(&self) -> Option<Counted> {
+        (self.used && !self.retired).then(|| Counted {
+            state: self.state(),
+            expires: self.expires.map(|(at, _)| at),
+        })
+    }
+
+    /// Wakes the requests held on the key: each looks at it again.
+    pub fn wake(&mut self) {
+        if let Some(waiters) = self.waiters.take() {
+            waiters.notify_waiters();
+        }
+    }
+
+    fn status(&self, set: &CredentialSet, now: Instant) -> KeyStatus {
+        let token = self.expires.filter(|(at, _)| *at > now);
+        KeyStatus {
+            account: set.key.account.to_string(),
+            provider: set.provider_name.to_string(),
+            grant: set.grant.as_str(),
+            scopes: set.scopes.clone(),
+            state: self.state().as_str(),
+            token_expires_at: token.map(|(_, wall)| rfc3339(wall)),
+            token_remaining_seconds: token.map(|(at, _)| (at - now).as_secs()),
+            last_refresh_at: self.last_ok.map(rfc3339),
+            last_error: self.failure.as_ref().map(|f| ErrorStatus {
+                class: f.error.class.as_str(),
+                code: f.error.code.clone(),
+                provider_code: f.error.provider_code.clone(),
+                hint: f.error.hint,
+                redirect_host: f.error.redirect_host.clone(),
+                at: rfc3339(f.at),
+                consecutive_failures: f.consecutive,
+                retry_in_seconds: f.retry_at.saturating_duration_since(now).as_secs(),
+            }),
+        }
+    }
+}
+
+/// The state of a key, as the admin API and the `ee_auth_accounts` gauge show it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyState {
+    /// No fetch under way and the last one (if any) succeeded.
+    Ok,
+    /// A fetch is under way.
+    Refreshing,
+    /// The last fetch failed transiently; it is retried with back-off.
+    FailingTransient,
+    /// The provider refused the grant; a person must act.
+    FailedPermanent,
+}
+
+impl KeyState {
+    /// Every state, in the order of [`StateCounts`]' table.
+    pub const ALL: [KeyState; 4] = [
+        KeyState::Ok,
+        KeyState::Refreshing,
+        KeyState::FailingTransient,
+        KeyState::FailedPermanent,
+    ];
+
+    /// The name shown in the admin API and as the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Ok => "ok",
+            KeyState::Refreshing => "refreshing",
+            KeyState::FailingTransient => "failing_transient",
+            KeyState::FailedPermanent => "failed_permanent",
+        }
+    }
+}
+
+/// What one record contributes to [`StateCounts`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Counted {
+    state: KeyState,
+    expires: Option<Instant>,
+}
+
+/// Keys per state and the expiry of every stored token, kept as records change rather
+/// than recounted: a scrape reads four numbers and the first entry of a tree.
+#[derive(Default)]
+pub(super) struct StateCounts {
+    pub by_state: [u64; KeyState::ALL.len()],
+    /// Token expiry -> how many stored tokens expire then.
+    pub expiries: BTreeMap<Instant, u32>,
+}
+
+impl StateCounts {
+    /// Moves a record from what it was counted as to what it is now.
+    pub fn update(&mut self, before: Option<Counted>, now: Option<Counted>) {
+        if let Some(c) = before {
+            let n = &mut self.by_state[c.state as usize];
+            *n = n.saturating_sub(1);
+            if let Some(at) = c.expires {
+                if let std::collections::btree_map::Entry::Occupied(mut e) = self.expiries.entry(at)
+                {
+                    *e.get_mut() = e.get().saturating_sub(1);
+                    if *e.get() == 0 {
+                        e.remove();
+                    }
+                }
+            }
+        }
+        if let Some(c) = now {
+            let n = &mut self.by_state[c.state as usize];
+            *n = n.saturating_add(1);
+            if let Some(at) = c.expires {
+                let n = self.expiries.entry(at).or_default();
+                *n = n.saturating_add(1);
+            }
+        }
+    }
+}
+
+/// State of one credential set, for the admin API and the metrics.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyStatus {
+    /// The account id.
+    pub account: String,
+    /// Provider name.
+    pub provider: String,
+    /// Grant.
+    pub grant: &'static str,
+    /// Scopes.
+    pub scopes: Vec<String>,
+    /// ok, refreshing, failing_transient or failed_permanent.
+    pub state: &'static str,
+    /// When the current token expires (RFC 3339), if there is one.
+    pub token_expires_at: Option<String>,
+    /// Seconds of life left on the current token.
+    pub token_remaining_seconds: Option<u64>,
+    /// When the last refresh succeeded (RFC 3339).
+    pub last_refresh_at: Option<String>,
+    /// The last error, if the last attempt failed.
+    pub last_error: Option<ErrorStatus>,
+}
+
+/// The last error of a key (codes only, never a description or a secret).
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorStatus {
+    /// transient or permanent.
+    pub class: &'static str,
+    /// OAuth2 or our error code.
+    pub code: String,
+    /// Provider code (AADSTS…).
+    pub provider_code: Option<String>,
+    /// What to do.
+    pub hint: Option<&'static str>,
+    /// Where the token endpoint redirected to (host and port only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect_host: Option<Box<str>>,
+    /// When it happened (RFC 3339).
+    pub at: String,
+    /// Failures in a row.
+    pub consecutive_failures: u32,
+    /// Seconds until the next attempt.
+    pub retry_in_seconds: u64,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
