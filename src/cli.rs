@@ -380,7 +380,7 @@ pub async fn token(args: &TokenArgs) -> i32 {
         AccountKind::OAuth(o) => {
             let set = o.set_for(proto).clone();
             // Only the refresh_token grant spends something a provider may rotate.
-            let spends_refresh_token = set.grant == crate::provider::Grant::RefreshToken;
+            let spends_refresh_token = set.grant == crate::credentials::Grant::RefreshToken;
             if spends_refresh_token && args.state_dir.is_none() && !args.allow_unpersisted {
                 eprintln!(
                     "error: refusing to spend the refresh token of `{}` without --state-dir: a provider that rotates refresh tokens (Microsoft, strict-rotation providers) would revoke the current one and the new one would be lost, so the sidecar's next refresh fails with invalid_grant; pass --state-dir DIR (the sidecar's, while it is stopped) to keep the new token, or --allow-unpersisted if the provider does not rotate",

@@ -21,8 +21,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::cache::schedule::later;
 use crate::cache::{KeyStatus, Source, TokenCache};
-use crate::config::{AccountKind, Config, CredentialKey, CredentialSet, OAuthAccount};
+use crate::config::{AccountKind, Config, CredentialSet, OAuthAccount};
 use crate::connections::{Conn, Registry};
+use crate::credentials::CredentialKey;
 use crate::error::{json_response, ServeError};
 use crate::metrics::Outcome;
 use crate::protocol::{self, parse_query, Proto};

@@ -15,11 +15,9 @@ use tokio::task::JoinHandle;
 
 use crate::cache::schedule::Policy;
 use crate::cache::TokenCache;
-use crate::config::{
-    self, AccountKind, Config, ConfigError, ConfigErrors, CredentialKey, CredentialSet,
-};
+use crate::config::{self, AccountKind, Config, CredentialSet};
+use crate::credentials::{ConfigError, ConfigErrors, CredentialKey, Grant};
 use crate::metrics::Metrics;
-use crate::provider::Grant;
 use crate::state::TokenStore;
 use crate::upstream::{http_client, SentCall, Upstream};
 

@@ -13,8 +13,9 @@ use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::CredentialSet;
+use crate::credentials::Grant;
 use crate::metrics::Metrics;
-use crate::provider::{Grant, ProviderError, TokenGrant, TokenRequest};
+use crate::provider::{ProviderError, TokenGrant, TokenRequest};
 use crate::state::TokenStore;
 
 /// The HTTP client and the shared limits for token fetches.

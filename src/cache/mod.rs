@@ -28,7 +28,8 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::config::{CredentialKey, CredentialSet};
+use crate::config::CredentialSet;
+use crate::credentials::CredentialKey;
 use crate::metrics::{CacheEvent, Metrics, RefreshOutcome, Snapshot};
 use crate::protocol;
 use crate::provider::{ErrorClass, ExpiresIn, ProviderError};

@@ -4,8 +4,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{check_url, classify, post_form, ClientAuth, ProviderError, TokenGrant, TokenRequest};
-use crate::config::{from_value, ConfigError, ScopedResolver, SecretSource};
-use crate::secret::Secret;
+use crate::credentials::{from_value, ConfigError};
+use crate::secret::{ScopedResolver, Secret, SecretSource};
 
 /// Google's token endpoint.
 pub const TOKEN_URL: &str = "https://oauth2.googleapis.com/token";

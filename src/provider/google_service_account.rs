@@ -13,7 +13,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{check_url, classify, post_form, ClientAuth, ProviderError, TokenGrant, TokenRequest};
-use crate::config::{from_value, ConfigError, ScopedResolver, SecretSource};
+use crate::credentials::{from_value, ConfigError};
+use crate::secret::{ScopedResolver, SecretSource};
 
 /// How long an assertion (and so the token it buys) is asked to live; Google's maximum.
 const ASSERTION_LIFETIME_SECS: u64 = 3600;

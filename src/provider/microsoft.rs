@@ -7,9 +7,9 @@ use super::{
     check_url, classify, post_form, ClientAuth, ErrorClass, Failure, Grant, ProviderError,
     TokenGrant, TokenRequest,
 };
-use crate::config::{from_value, ConfigError, ScopedResolver, SecretSource};
+use crate::credentials::{from_value, ConfigError};
 use crate::protocol::Proto;
-use crate::secret::Secret;
+use crate::secret::{ScopedResolver, Secret, SecretSource};
 
 /// A national cloud: picks the authority host and the resource hosts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]

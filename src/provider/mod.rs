@@ -15,35 +15,15 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::cache::schedule::MAX_RETRY_AFTER;
-use crate::config::{ConfigError, ScopedResolver};
+use crate::credentials::{ConfigError, Grant};
 use crate::protocol::Proto;
-use crate::secret::Secret;
+use crate::secret::{ScopedResolver, Secret};
 
-/// An OAuth2 grant the sidecar can perform.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
-pub enum Grant {
-    /// Delegated access from a stored refresh token.
-    #[serde(rename = "refresh_token")]
-    RefreshToken,
-    /// App-only access with the client's own credentials.
-    #[serde(rename = "client_credentials")]
-    ClientCredentials,
-    /// RFC 7523 JWT bearer assertion (Google service accounts).
-    #[serde(rename = "jwt_bearer")]
-    JwtBearer,
-}
-
-impl Grant {
-    /// The config name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Grant::RefreshToken => "refresh_token",
-            Grant::ClientCredentials => "client_credentials",
-            Grant::JwtBearer => "jwt_bearer",
-        }
-    }
-}
+/// The longest `Retry-After` we honour; a provider asking for more is retried after this.
+/// A throttled provider that recovers is then back in use within two minutes, not parked
+/// for whatever a misconfigured gateway asked (one `Retry-After: 86400` used to cost an
+/// hour); one retry per key every two minutes is no burden on a provider that still throttles.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
 
 /// What one token fetch needs.
 #[derive(Debug)]

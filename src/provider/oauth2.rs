@@ -7,8 +7,8 @@ use super::{
     check_url, classify, post_form, ClientAuth, ClientAuthMethod, Grant, ProviderError, TokenGrant,
     TokenRequest,
 };
-use crate::config::{from_value, ConfigError, ScopedResolver, SecretSource};
-use crate::secret::Secret;
+use crate::credentials::{from_value, ConfigError};
+use crate::secret::{ScopedResolver, Secret, SecretSource};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
