@@ -32,7 +32,7 @@ use crate::config::CredentialSet;
 use crate::credentials::CredentialKey;
 use crate::metrics::{CacheEvent, Metrics, RefreshOutcome, Snapshot};
 use crate::protocol;
-use crate::provider::{ErrorClass, ExpiresIn, ProviderError};
+use crate::provider::{ErrorClass, ExpiresIn, OurCode, ProviderError};
 use crate::upstream::Upstream;
 use schedule::{Freshness, Policy};
 
@@ -259,7 +259,7 @@ impl KeyRecord {
             last_refresh_at: self.last_ok.map(rfc3339),
             last_error: self.failure.as_ref().map(|f| ErrorStatus {
                 class: f.error.class.as_str(),
-                code: f.error.code.clone(),
+                code: f.error.code.to_string(),
                 provider_code: f.error.provider_code.clone(),
                 hint: f.error.hint,
                 redirect_host: f.error.redirect_host.clone(),
@@ -876,7 +876,7 @@ impl TokenCache {
                         "token fetch panicked; it counts as a transient failure and is retried");
                     let e = ProviderError {
                         hint: Some("an internal error; please report it"),
-                        ..ProviderError::transient("fetch_task_failed")
+                        ..ProviderError::transient(OurCode::FetchTaskFailed)
                     };
                     Err(this.fetch_failed(&set, generation, e))
                 }
@@ -891,7 +891,7 @@ impl TokenCache {
                 // Cancelled (or its panic handling panicked): recorded as a failure, so
                 // the key is not left "refreshing" behind a flight that is over.
                 Err(_) => {
-                    let e = ProviderError::transient("fetch_task_failed");
+                    let e = ProviderError::transient(OurCode::FetchTaskFailed);
                     match cache.upgrade() {
                         Some(cache) => Err(cache.fetch_failed(&set, generation, e)),
                         None => Err(Arc::new(e)),
@@ -918,7 +918,7 @@ impl TokenCache {
         let Some(access_token) = grant.access_token.as_ref() else {
             let e = ProviderError {
                 hint: Some("token response has no access_token"),
-                ..ProviderError::transient("invalid_response")
+                ..ProviderError::transient(OurCode::InvalidResponse)
             };
             return Err(self.fetch_failed(&set, generation, e));
         };
@@ -935,7 +935,7 @@ impl TokenCache {
                         }
                         _ => "the answer would not pass EmailEngine's validation",
                     }),
-                    ..ProviderError::transient("invalid_response")
+                    ..ProviderError::transient(OurCode::InvalidResponse)
                 };
                 return Err(self.fetch_failed(&set, generation, e));
             }
@@ -944,7 +944,7 @@ impl TokenCache {
             ExpiresIn::Unusable => {
                 let e = ProviderError {
                     hint: Some("expires_in is not a number of seconds of at least 1"),
-                    ..ProviderError::transient("invalid_response")
+                    ..ProviderError::transient(OurCode::InvalidResponse)
                 };
                 return Err(self.fetch_failed(&set, generation, e));
             }
@@ -1697,7 +1697,10 @@ mod tests {
             .await
             .expect("the flight ends")
             .expect_err("with an error");
-        assert_eq!(e.code, "fetch_task_failed");
+        assert_eq!(
+            e.code,
+            crate::provider::ErrorCode::Ours(OurCode::FetchTaskFailed)
+        );
         // Not stuck "refreshing" behind the dead flight: the failure is recorded and
         // retried after the back-off, by the refresh queue and by the next request.
         let (state, error) = state_of(&cache, &set);
@@ -1881,7 +1884,7 @@ mod tests {
         let generation = cache.lock().get(&s[0].key).unwrap().generation;
         let permanent = ProviderError {
             class: ErrorClass::Permanent,
-            ..ProviderError::transient("invalid_grant")
+            ..ProviderError::transient(crate::provider::OAuthCode::InvalidGrant)
         };
         let _ = cache.fetch_failed(&s[0], generation, permanent);
         assert_eq!(count_of(&cache, KeyState::FailedPermanent), 1);

@@ -4,8 +4,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    check_url, classify, post_form, ClientAuth, ErrorClass, Failure, Grant, ProviderError,
-    TokenGrant, TokenRequest,
+    check_url, classify, post_form, ClientAuth, ErrorClass, ErrorCode, Failure, Grant, OAuthCode,
+    OurCode, ProviderError, TokenGrant, TokenRequest,
 };
 use crate::credentials::{from_value, ConfigError};
 use crate::protocol::Proto;
@@ -212,7 +212,7 @@ impl Microsoft {
             Grant::RefreshToken => {
                 let rt = req
                     .refresh_token
-                    .ok_or_else(|| ProviderError::transient("no_refresh_token"))?;
+                    .ok_or_else(|| ProviderError::transient(OurCode::NoRefreshToken))?;
                 form.push(("grant_type", "refresh_token"));
                 form.push(("refresh_token", rt.expose()));
             }
@@ -243,7 +243,10 @@ fn classify_microsoft(f: Failure) -> ProviderError {
         e.provider_code = Some(format!("AADSTS{code}"));
         // A 4xx is already permanent; an AADSTS code that needs a person makes the
         // rare non-standard answer (a 5xx carrying one) permanent too.
-        if PERMANENT_AADSTS.contains(&code) && !throttled && e.code != "temporarily_unavailable" {
+        if PERMANENT_AADSTS.contains(&code)
+            && !throttled
+            && e.code != ErrorCode::Provider(OAuthCode::TemporarilyUnavailable)
+        {
             e.class = ErrorClass::Permanent;
         }
         e.hint = match code {
@@ -258,7 +261,12 @@ fn classify_microsoft(f: Failure) -> ProviderError {
             _ => None,
         };
     }
-    if e.hint.is_none() && matches!(e.code.as_str(), "interaction_required" | "consent_required") {
+    if e.hint.is_none()
+        && matches!(
+            e.code,
+            ErrorCode::Provider(OAuthCode::InteractionRequired | OAuthCode::ConsentRequired)
+        )
+    {
         e.hint = Some("the user must sign in interactively and consent again");
     }
     e
@@ -307,7 +315,7 @@ mod tests {
         });
         assert_eq!(e.class, ErrorClass::Permanent);
         assert_eq!(e.provider_code.as_deref(), Some("AADSTS70008"));
-        assert_eq!(e.code, "invalid_grant");
+        assert_eq!(e.code, ErrorCode::Provider(OAuthCode::InvalidGrant));
         assert!(!e.to_string().contains("authorization code"));
     }
 

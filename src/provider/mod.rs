@@ -4,6 +4,7 @@
 //! config load) and its request format; this module holds what they share: the grant
 //! names, the token-endpoint round trip, token-response parsing and error classification.
 
+mod code;
 pub mod google;
 pub mod google_service_account;
 pub mod microsoft;
@@ -18,6 +19,8 @@ use serde_json::Value;
 use crate::credentials::{ConfigError, Grant};
 use crate::protocol::Proto;
 use crate::secret::{ScopedResolver, Secret};
+
+pub use code::{ErrorCode, OAuthCode, OurCode};
 
 /// The longest `Retry-After` we honour; a provider asking for more is retried after this.
 /// A throttled provider that recovers is then back in use within two minutes, not parked
@@ -92,7 +95,7 @@ pub struct ProviderError {
     /// Transient or permanent.
     pub class: ErrorClass,
     /// The OAuth2 `error` code (`invalid_grant`), or ours (`timeout`, `http_503`, `invalid_response`).
-    pub code: String,
+    pub code: ErrorCode,
     /// A provider-specific code such as `AADSTS70008`.
     pub provider_code: Option<String>,
     /// What the operator should do, where we know.
@@ -106,7 +109,7 @@ pub struct ProviderError {
 
 impl ProviderError {
     /// A transient failure with our own code.
-    pub fn transient(code: impl Into<String>) -> Self {
+    pub fn transient(code: impl Into<ErrorCode>) -> Self {
         ProviderError {
             class: ErrorClass::Transient,
             code: code.into(),
@@ -363,7 +366,7 @@ fn redirect_error(resp: &reqwest::Response) -> ProviderError {
             "the token endpoint answered with a redirect, which is never followed (it would re-send the credentials); set tokenUrl to the final URL",
         ),
         redirect_host,
-        ..ProviderError::transient("redirect")
+        ..ProviderError::transient(OurCode::Redirect)
     }
 }
 
@@ -377,7 +380,7 @@ async fn read_limited(mut resp: reqwest::Response) -> Result<bytes::Bytes, Provi
             Ok(Some(chunk)) => {
                 total += chunk.len();
                 if total > MAX_RESPONSE_BYTES {
-                    return Err(ProviderError::transient("response_too_large"));
+                    return Err(ProviderError::transient(OurCode::ResponseTooLarge));
                 }
                 chunks.push(chunk);
             }
@@ -391,13 +394,13 @@ async fn read_limited(mut resp: reqwest::Response) -> Result<bytes::Bytes, Provi
 fn network_error(e: &reqwest::Error) -> ProviderError {
     // reqwest's Display names the URL, which is fine, but our own codes are steadier.
     let code = if e.is_timeout() {
-        "timeout"
+        OurCode::Timeout
     } else if e.is_connect() {
-        "connect_failed"
+        OurCode::ConnectFailed
     } else if e.is_body() || e.is_decode() {
-        "connection_lost"
+        OurCode::ConnectionLost
     } else {
-        "network_error"
+        OurCode::NetworkError
     };
     ProviderError::transient(code)
 }
@@ -434,7 +437,7 @@ fn json_string(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
 pub fn parse_token_response(body: &[u8]) -> Result<TokenGrant, ProviderError> {
     let invalid = |what: &'static str| ProviderError {
         hint: Some(what),
-        ..ProviderError::transient("invalid_response")
+        ..ProviderError::transient(OurCode::InvalidResponse)
     };
     let fields: HashMap<JsonStr<'_>, &serde_json::value::RawValue> = serde_json::from_slice(body)
         .map_err(|_| {
@@ -471,20 +474,6 @@ pub fn parse_token_response(body: &[u8]) -> Result<TokenGrant, ProviderError> {
     })
 }
 
-/// OAuth2 error codes after which retrying cannot help.
-const PERMANENT_CODES: &[&str] = &[
-    "invalid_grant",
-    "invalid_client",
-    "unauthorized_client",
-    "unsupported_grant_type",
-    "invalid_scope",
-    "invalid_request",
-    "access_denied",
-    "interaction_required",
-    "consent_required",
-    "login_required",
-];
-
 /// Classifies a failure the standard way; providers refine the result.
 pub(crate) fn classify(f: Failure) -> ProviderError {
     match f {
@@ -494,20 +483,23 @@ pub(crate) fn classify(f: Failure) -> ProviderError {
             retry_after,
             body,
         } => {
-            let code = body.as_ref().and_then(|b| b.error.clone());
+            // A code that is too long or not printable is not echoed (nor one we know).
+            let code = body
+                .as_ref()
+                .and_then(|b| b.error.as_deref())
+                .filter(|c| c.len() <= 64 && c.bytes().all(|b| b.is_ascii_graphic()))
+                .map(OAuthCode::parse);
             let transient_status = status == 408 || status == 425 || status == 429 || status >= 500;
-            let class = match code.as_deref() {
+            let class = match code.as_ref().and_then(OAuthCode::needs_a_person) {
                 _ if transient_status => ErrorClass::Transient,
-                Some(c) if PERMANENT_CODES.contains(&c) => ErrorClass::Permanent,
-                Some("temporarily_unavailable") | Some("slow_down") => ErrorClass::Transient,
+                Some(true) => ErrorClass::Permanent,
+                Some(false) => ErrorClass::Transient,
                 // Any other 4xx: a request this client keeps making will keep failing.
-                _ => ErrorClass::Permanent,
+                None => ErrorClass::Permanent,
             };
             ProviderError {
                 class,
-                code: code
-                    .filter(|c| c.len() <= 64 && c.bytes().all(|b| b.is_ascii_graphic()))
-                    .unwrap_or_else(|| format!("http_{status}")),
+                code: code.map_or(ErrorCode::Http(status), ErrorCode::Provider),
                 provider_code: None,
                 hint: None,
                 retry_after,
@@ -624,7 +616,8 @@ mod tests {
         ] {
             let e = parse_token_response(bad).unwrap_err();
             assert_eq!(e.class, ErrorClass::Transient);
-            assert_eq!(e.code, "invalid_response");
+            assert_eq!(e.code, ErrorCode::Ours(OurCode::InvalidResponse));
+            assert_eq!(e.code.to_string(), "invalid_response");
         }
         // No usable access token is not a parse error: a rotated refresh token in the
         // same answer must still reach the state store (the cache then refuses it).
@@ -655,7 +648,19 @@ mod tests {
         assert_eq!(st(400, Some("invalid_grant")).class, ErrorClass::Permanent);
         assert_eq!(st(401, Some("invalid_client")).class, ErrorClass::Permanent);
         assert_eq!(st(503, None).class, ErrorClass::Transient);
-        assert_eq!(st(503, None).code, "http_503");
+        assert_eq!(st(503, None).code, ErrorCode::Http(503));
+        assert_eq!(
+            st(400, Some("invalid_grant")).code,
+            ErrorCode::Provider(OAuthCode::InvalidGrant)
+        );
+        // Unknown codes are kept as sent and are permanent on a 4xx; unprintable or
+        // overlong ones are not echoed.
+        let other = st(400, Some("weird_code"));
+        assert_eq!(other.code.to_string(), "weird_code");
+        assert_eq!(other.class, ErrorClass::Permanent);
+        assert_eq!(st(400, Some("bad code")).code, ErrorCode::Http(400));
+        assert_eq!(st(400, Some(&"x".repeat(65))).code, ErrorCode::Http(400));
+        assert_eq!(st(400, Some("slow_down")).class, ErrorClass::Transient);
         assert_eq!(st(429, Some("invalid_grant")).class, ErrorClass::Transient);
         assert_eq!(
             st(400, Some("temporarily_unavailable")).class,
