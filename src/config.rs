@@ -734,7 +734,7 @@ fn build_account(
             .unwrap_or_else(|| provider.default_grant());
         provider
             .check_grant(grant)
-            .map_err(|m| ConfigError::new(format!("{path}.grant"), m))?;
+            .map_err(|m| ConfigError::new(format!("{path}.grant"), m.to_string()))?;
         match (grant, &refresh_token, &raw.refresh_token) {
             (Grant::RefreshToken, None, None) => {
                 return Err(ConfigError::new(
@@ -766,7 +766,7 @@ fn build_account(
         }
         provider
             .check_scopes(grant, &scopes, explicit)
-            .map_err(|m| ConfigError::new(&scopes_path, m))?;
+            .map_err(|m| ConfigError::new(&scopes_path, m.to_string()))?;
         let set_id = format!("{provider_name}|{}|{}", grant.as_str(), scopes.join(" "));
         let mut d = ring::digest::Context::new(&ring::digest::SHA256);
         d.update(provider_fp);

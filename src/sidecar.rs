@@ -98,7 +98,7 @@ pub enum StartError {
     Config(#[from] ConfigErrors),
     /// The listen address is not allowed.
     #[error("{0}")]
-    Listen(String),
+    Listen(ListenError),
     /// The state directory is unusable.
     #[error(transparent)]
     State(#[from] crate::state::StateError),
@@ -112,7 +112,7 @@ pub enum StartError {
     },
     /// TLS material is unusable.
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(crate::server::TlsError),
     /// The HTTP client could not be built.
     #[error("HTTP client: {0}")]
     Http(#[from] reqwest::Error),
@@ -151,22 +151,27 @@ fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
+/// Why a listen address is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ListenError {
+    /// Not loopback, and `--allow-remote` not given.
+    #[error("refusing to listen on non-loopback address {0}: tokens would be reachable from outside the pod; pass --allow-remote (and configure `auth`) if that is really wanted")]
+    Remote(SocketAddr),
+    /// `--allow-remote` without `auth` in the config.
+    #[error("refusing to listen on non-loopback address {0} without `auth` in the config: --allow-remote requires Basic credentials")]
+    NoAuth(SocketAddr),
+}
+
 /// Refuses a listen address that could expose tokens beyond the pod.
-pub fn check_listen(options: &Options, config: &Config) -> Result<(), String> {
+pub fn check_listen(options: &Options, config: &Config) -> Result<(), ListenError> {
     if options.listen.ip().is_loopback() {
         return Ok(());
     }
     if !options.allow_remote {
-        return Err(format!(
-            "refusing to listen on non-loopback address {}: tokens would be reachable from outside the pod; pass --allow-remote (and configure `auth`) if that is really wanted",
-            options.listen
-        ));
+        return Err(ListenError::Remote(options.listen));
     }
     if config.auth.is_none() {
-        return Err(format!(
-            "refusing to listen on non-loopback address {} without `auth` in the config: --allow-remote requires Basic credentials",
-            options.listen
-        ));
+        return Err(ListenError::NoAuth(options.listen));
     }
     Ok(())
 }
@@ -310,7 +315,7 @@ impl Sidecar {
             }
             check_listen(&self.options, &c).map_err(|m| ConfigErrors {
                 file: self.options.config_path.clone(),
-                errors: vec![ConfigError::new("auth", m)],
+                errors: vec![ConfigError::new("auth", m.to_string())],
             })?;
             Ok(Some(c))
         });

@@ -4,8 +4,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    check_url, classify, post_form, ClientAuth, ErrorClass, ErrorCode, Failure, Grant, OAuthCode,
-    OurCode, ProviderError, TokenGrant, TokenRequest,
+    check_url, classify, post_form, ClientAuth, ErrorClass, ErrorCode, Failure, Grant, GrantError,
+    OAuthCode, OurCode, ProviderError, ScopeError, TokenGrant, TokenRequest,
 };
 use crate::credentials::{from_value, ConfigError};
 use crate::protocol::Proto;
@@ -139,27 +139,32 @@ impl Microsoft {
     }
 
     /// refresh_token always; client_credentials only for a specific tenant with a secret.
-    pub fn check_grant(&self, grant: Grant) -> Result<(), String> {
+    pub fn check_grant(&self, grant: Grant) -> Result<(), GrantError> {
         match grant {
             Grant::RefreshToken => Ok(()),
-            Grant::ClientCredentials if PUBLIC_TENANTS.contains(&self.tenant.as_str()) => Err(format!(
-                "the client_credentials grant needs a specific tenant (a tenant id or domain), not `{}`",
-                self.tenant
-            )),
+            Grant::ClientCredentials if PUBLIC_TENANTS.contains(&self.tenant.as_str()) => {
+                Err(GrantError::PublicTenant {
+                    tenant: self.tenant.clone(),
+                })
+            }
             Grant::ClientCredentials if self.client_secret.is_none() => {
-                Err("the client_credentials grant needs the provider's clientSecret".into())
+                Err(GrantError::NoClientSecret)
             }
             Grant::ClientCredentials => Ok(()),
-            Grant::JwtBearer => Err("a microsoft provider does not support the jwt_bearer grant (supported: refresh_token, client_credentials)".into()),
+            Grant::JwtBearer => Err(GrantError::Unsupported {
+                kind: "microsoft",
+                grant,
+                supported: &[Grant::RefreshToken, Grant::ClientCredentials],
+            }),
         }
     }
 
     /// App-only tokens can only ask for `<resource>/.default`.
-    pub fn check_scopes(&self, grant: Grant, scopes: &[String]) -> Result<(), String> {
+    pub fn check_scopes(&self, grant: Grant, scopes: &[String]) -> Result<(), ScopeError> {
         if grant == Grant::ClientCredentials
             && (scopes.len() != 1 || !scopes[0].ends_with("/.default"))
         {
-            return Err("the client_credentials grant takes exactly one scope of the form `<resource>/.default`".into());
+            return Err(ScopeError::NotDefault);
         }
         // One token has one audience: Outlook (IMAP/SMTP) and Graph scopes cannot be mixed
         // (Microsoft answers AADSTS28000); catch it at load time, not at the first refresh.
@@ -170,9 +175,8 @@ impl Microsoft {
         resources.sort_unstable();
         resources.dedup();
         if resources.len() > 1 {
-            return Err(format!(
-                "scopes for different resources ({}) cannot be in one token; give the Graph scopes their own set under `protocols.api`",
-                resources.join(", ")
+            return Err(ScopeError::MixedResources(
+                resources.into_iter().map(str::to_owned).collect(),
             ));
         }
         Ok(())
@@ -486,6 +490,13 @@ mod tests {
                 ]),
             )
             .unwrap_err();
-        assert!(e.contains("protocols.api"), "{e}");
+        assert_eq!(
+            e,
+            ScopeError::MixedResources(vec![
+                "https://graph.microsoft.com".into(),
+                "https://outlook.office.com".into()
+            ])
+        );
+        assert!(e.to_string().contains("protocols.api"), "{e}");
     }
 }

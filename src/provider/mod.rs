@@ -121,6 +121,54 @@ impl ProviderError {
     }
 }
 
+/// Why a provider cannot perform a grant an account asks for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GrantError {
+    /// This provider type does not implement the grant.
+    #[error("a {kind} provider does not support the {} grant (supported: {})", .grant.as_str(), grant_names(.supported))]
+    Unsupported {
+        /// The provider type.
+        kind: &'static str,
+        /// The grant asked for.
+        grant: Grant,
+        /// The grants it implements.
+        supported: &'static [Grant],
+    },
+    /// App-only access needs a tenant to be issued in.
+    #[error("the client_credentials grant needs a specific tenant (a tenant id or domain), not `{tenant}`")]
+    PublicTenant {
+        /// The configured multi-tenant name (`common`, …).
+        tenant: String,
+    },
+    /// App-only access needs the client's own secret.
+    #[error("the client_credentials grant needs the provider's clientSecret")]
+    NoClientSecret,
+}
+
+fn grant_names(grants: &[Grant]) -> String {
+    grants
+        .iter()
+        .map(|g| g.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Why a set of scopes cannot be asked for in one token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScopeError {
+    /// A service-account assertion without a scope.
+    #[error("a service-account assertion needs at least one scope")]
+    Missing,
+    /// App-only tokens take a single `<resource>/.default` scope.
+    #[error(
+        "the client_credentials grant takes exactly one scope of the form `<resource>/.default`"
+    )]
+    NotDefault,
+    /// Scopes of several resources (audiences), which no single token can have.
+    #[error("scopes for different resources ({}) cannot be in one token; give the Graph scopes their own set under `protocols.api`", .0.join(", "))]
+    MixedResources(Vec<String>),
+}
+
 /// A configured identity provider.
 #[derive(Debug)]
 pub enum Provider {
@@ -182,7 +230,7 @@ impl Provider {
     }
 
     /// Whether this provider can perform `grant`; the error says why not.
-    pub fn check_grant(&self, grant: Grant) -> Result<(), String> {
+    pub fn check_grant(&self, grant: Grant) -> Result<(), GrantError> {
         let supported: &[Grant] = match self {
             Provider::OAuth2(_) => &[Grant::RefreshToken, Grant::ClientCredentials],
             Provider::Microsoft(m) => return m.check_grant(grant),
@@ -192,16 +240,11 @@ impl Provider {
         if supported.contains(&grant) {
             Ok(())
         } else {
-            Err(format!(
-                "a {} provider does not support the {} grant (supported: {})",
-                self.kind(),
-                grant.as_str(),
-                supported
-                    .iter()
-                    .map(|g| g.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
+            Err(GrantError::Unsupported {
+                kind: self.kind(),
+                grant,
+                supported,
+            })
         }
     }
 
@@ -211,12 +254,10 @@ impl Provider {
         grant: Grant,
         scopes: &[String],
         explicit: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), ScopeError> {
         match self {
             Provider::Microsoft(m) => m.check_scopes(grant, scopes),
-            Provider::GoogleServiceAccount(_) if scopes.is_empty() => {
-                Err("a service-account assertion needs at least one scope".into())
-            }
+            Provider::GoogleServiceAccount(_) if scopes.is_empty() => Err(ScopeError::Missing),
             _ => {
                 let _ = explicit;
                 Ok(())
@@ -666,6 +707,48 @@ mod tests {
             st(400, Some("temporarily_unavailable")).class,
             ErrorClass::Transient
         );
+    }
+
+    #[test]
+    fn config_check_messages_name_what_to_change() {
+        let both = &[Grant::RefreshToken, Grant::ClientCredentials][..];
+        let cases = [
+            (
+                GrantError::Unsupported {
+                    kind: "oauth2",
+                    grant: Grant::JwtBearer,
+                    supported: both,
+                }
+                .to_string(),
+                "a oauth2 provider does not support the jwt_bearer grant (supported: refresh_token, client_credentials)",
+            ),
+            (
+                GrantError::PublicTenant {
+                    tenant: "common".into(),
+                }
+                .to_string(),
+                "the client_credentials grant needs a specific tenant (a tenant id or domain), not `common`",
+            ),
+            (
+                GrantError::NoClientSecret.to_string(),
+                "the client_credentials grant needs the provider's clientSecret",
+            ),
+            (
+                ScopeError::Missing.to_string(),
+                "a service-account assertion needs at least one scope",
+            ),
+            (
+                ScopeError::NotDefault.to_string(),
+                "the client_credentials grant takes exactly one scope of the form `<resource>/.default`",
+            ),
+            (
+                ScopeError::MixedResources(vec!["a".into(), "b".into()]).to_string(),
+                "scopes for different resources (a, b) cannot be in one token; give the Graph scopes their own set under `protocols.api`",
+            ),
+        ];
+        for (got, want) in cases {
+            assert_eq!(got, want);
+        }
     }
 
     #[test]
