@@ -586,3 +586,89 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         None => e.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_and_option_errors_read_as_before() {
+        let not_a_duration = humantime::parse_duration("soon").unwrap_err();
+        assert_eq!(
+            duration("soon").unwrap_err().to_string(),
+            format!("{not_a_duration} (examples: 500ms, 30s, 5m)")
+        );
+        let hour = duration_in(secs(1), secs(3600));
+        assert_eq!(hour("1h"), Ok(secs(3600)));
+        assert_eq!(
+            hour("2h"),
+            Err(FlagError::DurationRange {
+                min: secs(1),
+                max: secs(3600)
+            })
+        );
+        assert_eq!(
+            duration_in(millis(100), secs(60))("2h")
+                .unwrap_err()
+                .to_string(),
+            "out of range: must be 100ms to 1m"
+        );
+        let threads = count_in(1, 64);
+        assert_eq!(threads(" 64 ").unwrap(), 64);
+        assert_eq!(
+            threads("0").unwrap_err().to_string(),
+            "out of range: must be 1 to 64"
+        );
+        assert_eq!(
+            threads("many").unwrap_err().to_string(),
+            "not a whole number (must be 1 to 64)"
+        );
+        let cases = [
+            (
+                OptionsError::NoConfig,
+                "missing --config FILE (or EE_AUTH_CONFIG)",
+            ),
+            (
+                OptionsError::Path("token".into()),
+                "--path must start with `/`, got `token`",
+            ),
+            (
+                OptionsError::IdleTimeout(secs(7200)),
+                "--idle-timeout must be between 1s and 1h, got 2h",
+            ),
+            (
+                OptionsError::ForcedRefreshInterval(secs(7200)),
+                "--forced-refresh-interval must be at most 1h, got 2h",
+            ),
+        ];
+        for (e, text) in cases {
+            assert_eq!(e.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn probe_errors_read_as_before() {
+        let cases = [
+            (
+                ProbeError::NoScheme,
+                "no scheme: give the whole URL, e.g. http://127.0.0.1:8080/readyz",
+            ),
+            (
+                ProbeError::Scheme("ftp".into()),
+                "the scheme must be http:// or https://, not `ftp:`",
+            ),
+            (
+                ProbeError::Status(reqwest::StatusCode::SERVICE_UNAVAILABLE),
+                "answered 503 Service Unavailable",
+            ),
+            (ProbeError::Timeout(millis(300)), "no answer within 300ms"),
+            (
+                ProbeError::Connect("connection refused".into()),
+                "cannot connect: connection refused",
+            ),
+        ];
+        for (e, text) in cases {
+            assert_eq!(e.to_string(), text);
+        }
+    }
+}
