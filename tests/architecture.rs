@@ -39,6 +39,8 @@ type Graph = BTreeMap<String, BTreeMap<String, String>>;
 #[test]
 fn the_module_graph_has_no_cycle() {
     let graph = crate_graph();
+    // Shown with `cargo test --test architecture -- --nocapture`.
+    println!("the module graph:\n{}", render(&graph));
     let allowed = |a: &str, b: &str| TEMPORARY_ALLOWED.contains(&(a, b));
     let cycles = cycles(&graph, &allowed);
     assert!(
