@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use ee_auth_sidecar::config::CredentialKey;
+use ee_auth_sidecar::credentials::CredentialKey;
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn heap_in_use() -> usize {

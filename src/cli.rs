@@ -20,8 +20,40 @@ pub const VERSION: &str = concat!(
     ")"
 );
 
-fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 5m)"))
+/// Why a flag's value is refused (clap prints it after the flag's name; exit 2).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FlagError {
+    /// Not a duration.
+    #[error("{0} (examples: 500ms, 30s, 5m)")]
+    Duration(humantime::DurationError),
+    /// A duration outside the flag's range.
+    #[error("out of range: must be {} to {}", humantime::format_duration(*.min), humantime::format_duration(*.max))]
+    DurationRange {
+        /// The shortest accepted.
+        min: Duration,
+        /// The longest accepted.
+        max: Duration,
+    },
+    /// A count outside the flag's range.
+    #[error("out of range: must be {min} to {max}")]
+    CountRange {
+        /// The smallest accepted.
+        min: usize,
+        /// The largest accepted.
+        max: usize,
+    },
+    /// Not a whole number.
+    #[error("not a whole number (must be {min} to {max})")]
+    NotANumber {
+        /// The smallest accepted.
+        min: usize,
+        /// The largest accepted.
+        max: usize,
+    },
+}
+
+fn duration(s: &str) -> Result<Duration, FlagError> {
+    humantime::parse_duration(s).map_err(FlagError::Duration)
 }
 
 const fn secs(n: u64) -> Duration {
@@ -38,17 +70,10 @@ const fn millis(n: u64) -> Duration {
 fn duration_in(
     min: Duration,
     max: Duration,
-) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
-    move |s| {
-        let fmt = humantime::format_duration;
-        match duration(s)? {
-            d if d < min || d > max => Err(format!(
-                "out of range: must be {} to {}",
-                fmt(min),
-                fmt(max)
-            )),
-            d => Ok(d),
-        }
+) -> impl Fn(&str) -> Result<Duration, FlagError> + Clone + Send + Sync + 'static {
+    move |s| match duration(s)? {
+        d if d < min || d > max => Err(FlagError::DurationRange { min, max }),
+        d => Ok(d),
     }
 }
 
@@ -56,11 +81,11 @@ fn duration_in(
 fn count_in(
     min: usize,
     max: usize,
-) -> impl Fn(&str) -> Result<usize, String> + Clone + Send + Sync + 'static {
+) -> impl Fn(&str) -> Result<usize, FlagError> + Clone + Send + Sync + 'static {
     move |s| match s.trim().parse::<u128>() {
         Ok(n) if n >= min as u128 && n <= max as u128 => Ok(n as usize),
-        Ok(_) => Err(format!("out of range: must be {min} to {max}")),
-        Err(_) => Err(format!("not a whole number (must be {min} to {max})")),
+        Ok(_) => Err(FlagError::CountRange { min, max }),
+        Err(_) => Err(FlagError::NotANumber { min, max }),
     }
 }
 
@@ -232,17 +257,32 @@ pub struct TokenArgs {
     pub allow_unpersisted: bool,
 }
 
+/// Why the `serve` flags do not make [`Options`] (exit 2).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OptionsError {
+    /// No config file given.
+    #[error("missing --config FILE (or EE_AUTH_CONFIG)")]
+    NoConfig,
+    /// `--path` is not an absolute path.
+    #[error("--path must start with `/`, got `{0}`")]
+    Path(String),
+    /// `--idle-timeout` outside 1 s to 1 h.
+    #[error("--idle-timeout must be between 1s and 1h, got {}", humantime::format_duration(*.0))]
+    IdleTimeout(Duration),
+    /// `--forced-refresh-interval` over 1 h.
+    #[error("--forced-refresh-interval must be at most 1h, got {}", humantime::format_duration(*.0))]
+    ForcedRefreshInterval(Duration),
+}
+
 impl ServeArgs {
     /// Turns the flags into [`Options`]; the config path is required.
-    pub fn into_options(self) -> Result<Options, String> {
-        let config = self
-            .config
-            .ok_or("missing --config FILE (or EE_AUTH_CONFIG)")?;
+    pub fn into_options(self) -> Result<Options, OptionsError> {
+        let config = self.config.ok_or(OptionsError::NoConfig)?;
         let mut o = Options::new(config);
         o.listen = self.listen;
         o.state_dir = self.state_dir;
         if !self.path.starts_with('/') {
-            return Err(format!("--path must start with `/`, got `{}`", self.path));
+            return Err(OptionsError::Path(self.path));
         }
         o.path = self.path;
         o.allow_remote = self.allow_remote;
@@ -266,16 +306,12 @@ impl ServeArgs {
         o.max_connections = self.max_connections;
         o.header_read_timeout = self.header_read_timeout;
         if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.idle_timeout) {
-            return Err(format!(
-                "--idle-timeout must be between 1s and 1h, got {}",
-                humantime::format_duration(self.idle_timeout)
-            ));
+            return Err(OptionsError::IdleTimeout(self.idle_timeout));
         }
         o.idle_timeout = self.idle_timeout;
         if self.forced_refresh_interval > Duration::from_secs(3600) {
-            return Err(format!(
-                "--forced-refresh-interval must be at most 1h, got {}",
-                humantime::format_duration(self.forced_refresh_interval)
+            return Err(OptionsError::ForcedRefreshInterval(
+                self.forced_refresh_interval,
             ));
         }
         o.forced_refresh_interval = self.forced_refresh_interval;
@@ -380,7 +416,7 @@ pub async fn token(args: &TokenArgs) -> i32 {
         AccountKind::OAuth(o) => {
             let set = o.set_for(proto).clone();
             // Only the refresh_token grant spends something a provider may rotate.
-            let spends_refresh_token = set.grant == crate::provider::Grant::RefreshToken;
+            let spends_refresh_token = set.grant == crate::credentials::Grant::RefreshToken;
             if spends_refresh_token && args.state_dir.is_none() && !args.allow_unpersisted {
                 eprintln!(
                     "error: refusing to spend the refresh token of `{}` without --state-dir: a provider that rotates refresh tokens (Microsoft, strict-rotation providers) would revoke the current one and the new one would be lost, so the sidecar's next refresh fails with invalid_grant; pass --state-dir DIR (the sidecar's, while it is stopped) to keep the new token, or --allow-unpersisted if the provider does not rotate",
@@ -487,16 +523,35 @@ pub async fn probe(url: &str, timeout: Duration) -> i32 {
     }
 }
 
-async fn probe_once(url: &str, timeout: Duration) -> Result<(), String> {
+/// Why a probe failed, as its one stderr line says.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("no scheme: give the whole URL, e.g. http://127.0.0.1:8080/readyz")]
+    NoScheme,
+    #[error("not a valid URL: {0}")]
+    BadUrl(String),
+    #[error("the scheme must be http:// or https://, not `{0}:`")]
+    Scheme(String),
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+    #[error("answered {0}")]
+    Status(reqwest::StatusCode),
+    #[error("no answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// Any other transport failure: its innermost cause.
+    #[error("{0}")]
+    Other(String),
+}
+
+async fn probe_once(url: &str, timeout: Duration) -> Result<(), ProbeError> {
     if !url.contains("://") {
-        return Err("no scheme: give the whole URL, e.g. http://127.0.0.1:8080/readyz".into());
+        return Err(ProbeError::NoScheme);
     }
-    let parsed = reqwest::Url::parse(url).map_err(|e| format!("not a valid URL: {e}"))?;
+    let parsed = reqwest::Url::parse(url).map_err(|e| ProbeError::BadUrl(e.to_string()))?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(format!(
-            "the scheme must be http:// or https://, not `{}:`",
-            parsed.scheme()
-        ));
+        return Err(ProbeError::Scheme(parsed.scheme().to_owned()));
     }
     // No proxy: a probe targets the pod's own loopback, even when HTTPS_PROXY is set for
     // the identity providers.
@@ -505,16 +560,13 @@ async fn probe_once(url: &str, timeout: Duration) -> Result<(), String> {
         .no_proxy()
         .timeout(timeout)
         .build()
-        .map_err(|e| format!("cannot build the HTTP client: {}", error_chain(&e)))?;
+        .map_err(|e| ProbeError::Client(error_chain(&e)))?;
     match client.get(parsed).send().await {
         Ok(r) if r.status().is_success() => Ok(()),
-        Ok(r) => Err(format!("answered {}", r.status())),
-        Err(e) if e.is_timeout() => Err(format!(
-            "no answer within {}",
-            humantime::format_duration(timeout)
-        )),
-        Err(e) if e.is_connect() => Err(format!("cannot connect: {}", error_chain(&e))),
-        Err(e) => Err(error_chain(&e)),
+        Ok(r) => Err(ProbeError::Status(r.status())),
+        Err(e) if e.is_timeout() => Err(ProbeError::Timeout(timeout)),
+        Err(e) if e.is_connect() => Err(ProbeError::Connect(error_chain(&e))),
+        Err(e) => Err(ProbeError::Other(error_chain(&e))),
     }
 }
 
@@ -532,5 +584,91 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     match chars.next() {
         Some(first) => first.to_lowercase().chain(chars).collect(),
         None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_and_option_errors_read_as_before() {
+        let not_a_duration = humantime::parse_duration("soon").unwrap_err();
+        assert_eq!(
+            duration("soon").unwrap_err().to_string(),
+            format!("{not_a_duration} (examples: 500ms, 30s, 5m)")
+        );
+        let hour = duration_in(secs(1), secs(3600));
+        assert_eq!(hour("1h"), Ok(secs(3600)));
+        assert_eq!(
+            hour("2h"),
+            Err(FlagError::DurationRange {
+                min: secs(1),
+                max: secs(3600)
+            })
+        );
+        assert_eq!(
+            duration_in(millis(100), secs(60))("2h")
+                .unwrap_err()
+                .to_string(),
+            "out of range: must be 100ms to 1m"
+        );
+        let threads = count_in(1, 64);
+        assert_eq!(threads(" 64 ").unwrap(), 64);
+        assert_eq!(
+            threads("0").unwrap_err().to_string(),
+            "out of range: must be 1 to 64"
+        );
+        assert_eq!(
+            threads("many").unwrap_err().to_string(),
+            "not a whole number (must be 1 to 64)"
+        );
+        let cases = [
+            (
+                OptionsError::NoConfig,
+                "missing --config FILE (or EE_AUTH_CONFIG)",
+            ),
+            (
+                OptionsError::Path("token".into()),
+                "--path must start with `/`, got `token`",
+            ),
+            (
+                OptionsError::IdleTimeout(secs(7200)),
+                "--idle-timeout must be between 1s and 1h, got 2h",
+            ),
+            (
+                OptionsError::ForcedRefreshInterval(secs(7200)),
+                "--forced-refresh-interval must be at most 1h, got 2h",
+            ),
+        ];
+        for (e, text) in cases {
+            assert_eq!(e.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn probe_errors_read_as_before() {
+        let cases = [
+            (
+                ProbeError::NoScheme,
+                "no scheme: give the whole URL, e.g. http://127.0.0.1:8080/readyz",
+            ),
+            (
+                ProbeError::Scheme("ftp".into()),
+                "the scheme must be http:// or https://, not `ftp:`",
+            ),
+            (
+                ProbeError::Status(reqwest::StatusCode::SERVICE_UNAVAILABLE),
+                "answered 503 Service Unavailable",
+            ),
+            (ProbeError::Timeout(millis(300)), "no answer within 300ms"),
+            (
+                ProbeError::Connect("connection refused".into()),
+                "cannot connect: connection refused",
+            ),
+        ];
+        for (e, text) in cases {
+            assert_eq!(e.to_string(), text);
+        }
     }
 }

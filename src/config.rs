@@ -11,274 +11,22 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::credentials::{
+    from_owned_value, from_value, ConfigError, ConfigErrors, CredentialKey, Grant,
+};
 use crate::files;
 use crate::protocol::{self, BasicCredentials, Proto};
-use crate::provider::{Grant, Provider};
-use crate::secret::Secret;
+use crate::provider::Provider;
+use crate::secret::{sha256, Resolved, Resolver, Secret, SecretSource, SECRET_FILE};
 
-/// One problem in a config, located by its JSON path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// Where: a dotted JSON path such as `accounts.alice.refreshToken`, or `(file)`.
-    pub path: String,
-    /// What is wrong, without any secret value.
-    pub message: String,
-}
-
-impl ConfigError {
-    /// An error at `path`.
-    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError {
-            path: path.into(),
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
-    }
-}
-
-/// Every problem found in one config file. A config with any error is not used.
-#[derive(Debug, Clone, thiserror::Error)]
-pub struct ConfigErrors {
-    /// The config file.
-    pub file: PathBuf,
-    /// The problems, in file order.
-    pub errors: Vec<ConfigError>,
-}
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid config {} ({} error{})",
-            self.file.display(),
-            self.errors.len(),
-            if self.errors.len() == 1 { "" } else { "s" }
-        )?;
-        for e in &self.errors {
-            write!(f, "\n  {e}")?;
-        }
-        Ok(())
-    }
-}
-
-/// Where a secret comes from: the config itself, a file, or an environment variable.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SecretSource {
-    /// The value written in the config.
-    Literal(Secret),
-    /// `{"file": "/path"}`: the file's content (one trailing newline removed).
-    File(PathBuf),
-    /// `{"env": "NAME"}`: an environment variable, read at each load.
-    Env(String),
-}
-
-impl<'de> Deserialize<'de> for SecretSource {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        const EXPECTED: &str = r#"a string, {"file": "/path"} or {"env": "NAME"}"#;
-        match Value::deserialize(d)? {
-            Value::String(s) => Ok(SecretSource::Literal(Secret::new(s))),
-            Value::Object(map) if map.len() == 1 => match map.into_iter().next() {
-                Some((k, Value::String(v))) if k == "file" => Ok(SecretSource::File(v.into())),
-                Some((k, Value::String(v))) if k == "env" => Ok(SecretSource::Env(v)),
-                _ => Err(serde::de::Error::custom(format!("expected {EXPECTED}"))),
-            },
-            _ => Err(serde::de::Error::custom(format!("expected {EXPECTED}"))),
-        }
-    }
-}
-
-/// Resolves secrets while a config is built, and records what the config depends on:
-/// the secret files (to watch them) and a digest of everything (to skip no-op reloads).
-pub struct Resolver {
-    base_dir: PathBuf,
-    digest: ring::digest::Context,
-    files: Vec<PathBuf>,
-    /// Each secret file read and the SHA-256 of its bytes as read.
-    file_digests: Vec<(PathBuf, [u8; 32])>,
-}
-
-impl Resolver {
-    fn new(base_dir: PathBuf, config_text: &[u8]) -> Self {
-        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
-        digest.update(config_text);
-        Resolver {
-            base_dir,
-            digest,
-            files: Vec::new(),
-            file_digests: Vec::new(),
-        }
-    }
-
-    /// The secret's value, or an error naming `path` (never the value).
-    pub fn secret(&mut self, source: &SecretSource, path: &str) -> Result<Secret, ConfigError> {
-        let secret = match source {
-            SecretSource::Literal(s) => return Ok(s.clone()),
-            SecretSource::File(file) => {
-                let full = self.base_dir.join(file);
-                self.files.push(full.clone());
-                let mut text = read_secret_file(&full).map_err(|e| {
-                    ConfigError::new(
-                        path,
-                        format!("cannot read secret file {}: {e}", full.display()),
-                    )
-                })?;
-                self.file_digests
-                    .push((full.clone(), sha256(text.as_bytes())));
-                if text.ends_with('\n') {
-                    text.pop();
-                    if text.ends_with('\r') {
-                        text.pop();
-                    }
-                }
-                Secret::new(text)
-            }
-            SecretSource::Env(name) => match std::env::var(name) {
-                Ok(v) => Secret::new(v),
-                Err(_) => {
-                    return Err(ConfigError::new(
-                        path,
-                        format!("environment variable {name} is not set or not UTF-8"),
-                    ))
-                }
-            },
-        };
-        self.digest.update(path.as_bytes());
-        self.digest.update(&secret.digest());
-        Ok(secret)
-    }
-}
-
-fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
-    out
-}
-
-const SECRET_FILE: &str = "a secret file";
 const CONFIG_FILE: &str = "a config file";
-
-/// A secret file's text: a regular file of at most 1 MiB (a secret pointed at a FIFO, a
-/// device or a huge file by mistake must not hang or exhaust the loader).
-fn read_secret_file(path: &Path) -> Result<String, files::ReadError> {
-    let bytes = files::read_limited(path, files::MAX_SECRET_FILE_BYTES, SECRET_FILE)?;
-    String::from_utf8(bytes)
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8").into())
-}
 
 /// The config file's bytes (a regular file of at most [`files::MAX_CONFIG_BYTES`]).
 fn read_config_file(path: &Path) -> Result<Vec<u8>, files::ReadError> {
     files::read_limited(path, files::MAX_CONFIG_BYTES, CONFIG_FILE)
-}
-
-/// Deserializes `value` into `T`, reporting the failing field as a path under `path`.
-pub fn from_value<T: DeserializeOwned>(value: &Value, path: &str) -> Result<T, ConfigError> {
-    serde_path_to_error::deserialize(value).map_err(|e| path_error(e, path))
-}
-
-/// [`from_value`] for a value we own: moves its contents instead of copying them (the
-/// whole account map, at the top level).
-fn from_owned_value<T: DeserializeOwned>(value: Value, path: &str) -> Result<T, ConfigError> {
-    serde_path_to_error::deserialize(value).map_err(|e| path_error(e, path))
-}
-
-fn path_error(e: serde_path_to_error::Error<serde_json::Error>, path: &str) -> ConfigError {
-    let inner = e.path().to_string();
-    let full = if inner == "." || inner.is_empty() {
-        path.to_owned()
-    } else {
-        format!("{path}.{inner}")
-    };
-    ConfigError::new(full, redact_strings(&e.into_inner().to_string()))
-}
-
-/// Removes the quoted string values serde puts into its messages (`invalid type: string
-/// "emailengine:hunter2", expected …`): a secret written in the wrong shape must not end
-/// up in a log line, the admin API or `check` output.
-fn redact_strings(message: &str) -> String {
-    const MARK: &str = "string \"";
-    let mut out = String::with_capacity(message.len());
-    let mut rest = message;
-    while let Some(i) = rest.find(MARK) {
-        out.push_str(&rest[..i]);
-        out.push_str("a string");
-        // serde quotes the value Debug-style: skip to the closing, unescaped quote.
-        let mut escaped = false;
-        let mut end = rest.len();
-        for (j, c) in rest[i + MARK.len()..].char_indices() {
-            match c {
-                _ if escaped => escaped = false,
-                '\\' => escaped = true,
-                '"' => {
-                    end = i + MARK.len() + j + 1;
-                    break;
-                }
-                _ => {}
-            }
-        }
-        rest = &rest[end..];
-    }
-    out.push_str(rest);
-    out
-}
-
-/// Identifies one cached token: an account and one of its credential sets.
-///
-/// The hash is computed once, and equality checks pointers before bytes: a cache lookup
-/// then touches neither string (with thousands of accounts, each is a cache miss).
-#[derive(Clone, Debug)]
-pub struct CredentialKey {
-    /// The EmailEngine account id.
-    pub account: Arc<str>,
-    /// `provider|grant|scopes`: protocols that resolve to the same set share one token.
-    pub set: Arc<str>,
-    hash: u64,
-}
-
-impl CredentialKey {
-    /// A key for an account's credential set.
-    pub fn new(account: Arc<str>, set: Arc<str>) -> Self {
-        use std::hash::{Hash, Hasher};
-        // Fixed keys are fine: keys come from the operator's config, not from requests.
-        let mut h = std::hash::DefaultHasher::new();
-        account.hash(&mut h);
-        set.hash(&mut h);
-        CredentialKey {
-            account,
-            set,
-            hash: h.finish(),
-        }
-    }
-}
-
-impl PartialEq for CredentialKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.hash == other.hash
-            && (Arc::ptr_eq(&self.account, &other.account) || self.account == other.account)
-            && (Arc::ptr_eq(&self.set, &other.set) || self.set == other.set)
-    }
-}
-
-impl Eq for CredentialKey {}
-
-impl std::hash::Hash for CredentialKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write_u64(self.hash);
-    }
-}
-
-impl fmt::Display for CredentialKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} [{}]", self.account, self.set)
-    }
 }
 
 /// Everything needed to fetch one token: self-contained, so the cache never looks back
@@ -633,11 +381,11 @@ pub fn parse(text: &[u8], base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
     if !errors.is_empty() {
         return Err(errors);
     }
-    let mut fingerprint = [0u8; 32];
-    fingerprint.copy_from_slice(resolver.digest.finish().as_ref());
-    let mut secret_files = resolver.files;
-    secret_files.sort();
-    secret_files.dedup();
+    let Resolved {
+        fingerprint,
+        files: secret_files,
+        file_digests,
+    } = resolver.finish();
     Ok(Config {
         auth,
         admin_auth,
@@ -646,7 +394,7 @@ pub fn parse(text: &[u8], base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
         secret_files,
         fingerprint,
         text_digest: sha256(text),
-        secret_file_digests: resolver.file_digests,
+        secret_file_digests: file_digests,
     })
 }
 
@@ -842,29 +590,10 @@ fn build_provider(
     // fresh resolver scope keeps the config-wide digest intact.
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
     digest.update(v.to_string().as_bytes());
-    let mut scoped = ScopedResolver {
-        inner: resolver,
-        digest: &mut digest,
-    };
-    let provider = Provider::from_config(kind, &rest, path, &mut scoped)?;
+    let provider = Provider::from_config(kind, &rest, path, &mut resolver.scoped(&mut digest))?;
     let mut fp = [0u8; 32];
     fp.copy_from_slice(digest.finish().as_ref());
     Ok((Arc::new(provider), fp))
-}
-
-/// A [`Resolver`] that also folds each secret into one provider's digest.
-pub struct ScopedResolver<'a> {
-    inner: &'a mut Resolver,
-    digest: &'a mut ring::digest::Context,
-}
-
-impl ScopedResolver<'_> {
-    /// The secret's value, or an error naming `path`.
-    pub fn secret(&mut self, source: &SecretSource, path: &str) -> Result<Secret, ConfigError> {
-        let s = self.inner.secret(source, path)?;
-        self.digest.update(&s.digest());
-        Ok(s)
-    }
 }
 
 struct AccountCtx<'a> {
@@ -1002,7 +731,7 @@ fn build_account(
             .unwrap_or_else(|| provider.default_grant());
         provider
             .check_grant(grant)
-            .map_err(|m| ConfigError::new(format!("{path}.grant"), m))?;
+            .map_err(|m| ConfigError::new(format!("{path}.grant"), m.to_string()))?;
         match (grant, &refresh_token, &raw.refresh_token) {
             (Grant::RefreshToken, None, None) => {
                 return Err(ConfigError::new(
@@ -1034,7 +763,7 @@ fn build_account(
         }
         provider
             .check_scopes(grant, &scopes, explicit)
-            .map_err(|m| ConfigError::new(&scopes_path, m))?;
+            .map_err(|m| ConfigError::new(&scopes_path, m.to_string()))?;
         let set_id = format!("{provider_name}|{}|{}", grant.as_str(), scopes.join(" "));
         let mut d = ring::digest::Context::new(&ring::digest::SHA256);
         d.update(provider_fp);
@@ -1288,10 +1017,6 @@ mod tests {
             assert!(!err.message.contains("hunter2"), "{err}");
         }
         assert!(!e[2].message.contains("ecret"), "{}", e[2]);
-        assert_eq!(
-            redact_strings(r#"invalid value: string "a\"b\\", expected x; string "c""#),
-            "invalid value: a string, expected x; a string"
-        );
     }
 
     #[test]

@@ -99,9 +99,11 @@ impl ServeError {
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let status = self.status();
         let body = match &self {
-            ServeError::Cache(CacheError::Failed { provider, error }) => {
-                error_body(&self.to_string(), Some(&error.code), Some(provider))
-            }
+            ServeError::Cache(CacheError::Failed { provider, error }) => error_body(
+                &self.to_string(),
+                Some(&error.code.as_str()),
+                Some(provider),
+            ),
             _ => error_body(&self.to_string(), None, None),
         };
         let mut resp = json_response(status, body);

@@ -19,7 +19,8 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch as watch_channel};
 use tokio::time::Instant;
 
-use crate::config::{self, ConfigError, ConfigErrors};
+use crate::config;
+use crate::credentials::{ConfigError, ConfigErrors};
 use crate::options::check_listen;
 use crate::priority::{at_low_priority, release_freed_memory};
 use crate::shared::{now_rfc3339, Changes, Routes, Sidecar};

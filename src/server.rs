@@ -4,7 +4,7 @@
 //! parse two query parameters, look up the cache, answer with shared `Bytes`.
 
 use std::convert::Infallible;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,32 +37,82 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// (at most half the grace period).
 const MAX_DRAIN: Duration = Duration::from_millis(500);
 
+/// Why the TLS certificate and key cannot be used: which file, what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read (`what`: certificate or key).
+    #[error("cannot read {what} file {}: {source}", .path.display())]
+    Read {
+        /// `certificate` or `key`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: crate::files::ReadError,
+    },
+    /// The certificate file holds a malformed PEM section.
+    #[error("bad certificate in {}: {source}", .path.display())]
+    BadCertificate {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: rustls_pki_types::pem::Error,
+    },
+    /// The certificate file holds no certificate.
+    #[error("no certificate in {}", .0.display())]
+    NoCertificate(PathBuf),
+    /// The key file holds no private key rustls can use.
+    #[error("no usable private key in {}: {source}", .path.display())]
+    BadKey {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: rustls_pki_types::pem::Error,
+    },
+    /// rustls refused the configuration.
+    #[error("{0}")]
+    Config(rustls::Error),
+    /// The key is not the certificate's.
+    #[error("certificate and key do not fit: {0}")]
+    Mismatch(rustls::Error),
+}
+
 /// Builds a TLS acceptor from PEM files (ring provider, TLS 1.2 and 1.3).
-pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     // Bounded, non-blocking reads of regular files only (see `files`).
-    let read = |path: &Path, what: &str| {
-        crate::files::read_limited(path, crate::files::MAX_SECRET_FILE_BYTES, "a TLS file")
-            .map_err(|e| format!("cannot read {what} file {}: {e}", path.display()))
+    let read = |path: &Path, what: &'static str| {
+        crate::files::read_limited(path, crate::files::MAX_SECRET_FILE_BYTES, "a TLS file").map_err(
+            |source| TlsError::Read {
+                what,
+                path: path.to_owned(),
+                source,
+            },
+        )
     };
     let cert_pem = read(cert, "certificate")?;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("bad certificate in {}: {e}", cert.display()))?;
+        .map_err(|source| TlsError::BadCertificate {
+            path: cert.to_owned(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(format!("no certificate in {}", cert.display()));
+        return Err(TlsError::NoCertificate(cert.to_owned()));
     }
     let key_pem = read(key, "key")?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| format!("no usable private key in {}: {e}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|source| TlsError::BadKey {
+        path: key.to_owned(),
+        source,
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsError::Config)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| format!("certificate and key do not fit: {e}"))?;
+        .map_err(TlsError::Mismatch)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

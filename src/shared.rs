@@ -10,7 +10,8 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use crate::cache::{KeyEntry, TokenCache};
-use crate::config::{AccountKind, Config, CredentialKey};
+use crate::config::{AccountKind, Config};
+use crate::credentials::CredentialKey;
 use crate::metrics::Metrics;
 use crate::options::Options;
 use crate::protocol::Proto;

@@ -12,11 +12,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::cache::TokenCache;
-use crate::config::{self, Config, ConfigErrors};
+use crate::config::{self, Config};
+use crate::credentials::{ConfigErrors, Grant};
 use crate::metrics::Metrics;
 use crate::options::{check_listen, ListenError, Options};
 use crate::priority::release_freed_memory;
-use crate::provider::Grant;
 use crate::shared::{Changes, Routes, Sidecar};
 use crate::state::TokenStore;
 use crate::upstream::{http_client, SentCall, Upstream};
@@ -43,7 +43,7 @@ pub enum StartError {
     },
     /// TLS material is unusable.
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(#[from] crate::server::TlsError),
     /// The HTTP client could not be built.
     #[error("HTTP client: {0}")]
     Http(#[from] reqwest::Error),
@@ -235,7 +235,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         tracing::warn!("no `auth` in the config: any process that can reach the listen address gets tokens without credentials (and may hold requests open); set `auth` and put its user and password into EmailEngine's authServer URL");
     }
     let tls = match &options.tls {
-        Some((cert, key)) => Some(crate::server::tls_acceptor(cert, key).map_err(StartError::Tls)?),
+        Some((cert, key)) => Some(crate::server::tls_acceptor(cert, key)?),
         None => None,
     };
     let listener = bind(options.listen).map_err(|source| StartError::Bind {

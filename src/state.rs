@@ -680,29 +680,42 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn read_record(path: &Path) -> Result<(String, Record), String> {
+/// Why a file in the state directory is not a usable record (it is then skipped).
+#[derive(Debug, thiserror::Error)]
+enum RecordError {
+    #[error(transparent)]
+    Read(#[from] crate::files::ReadError),
+    #[error("not a refresh-token record")]
+    NotARecord,
+    #[error("unknown record version {0}")]
+    Version(u32),
+    #[error("bad configTokenSha256")]
+    Origin,
+    #[error("empty refreshToken")]
+    EmptyToken,
+}
+
+fn read_record(path: &Path) -> Result<(String, Record), RecordError> {
     // A record is a few KB; a FIFO or a device planted here must not block start-up.
     let text = crate::files::read_limited(
         path,
         crate::files::MAX_STATE_RECORD_BYTES,
         "a refresh-token record",
-    )
-    .map_err(|e| e.to_string())?;
-    let rec: FileRecord =
-        serde_json::from_slice(&text).map_err(|_| "not a refresh-token record".to_owned())?;
+    )?;
+    let rec: FileRecord = serde_json::from_slice(&text).map_err(|_| RecordError::NotARecord)?;
     if rec.version != 1 {
-        return Err(format!("unknown record version {}", rec.version));
+        return Err(RecordError::Version(rec.version));
     }
     let mut origin = [0u8; 32];
     if rec.config_token_sha256.len() != 64 {
-        return Err("bad configTokenSha256".into());
+        return Err(RecordError::Origin);
     }
     for (i, chunk) in rec.config_token_sha256.as_bytes().chunks(2).enumerate() {
-        let s = std::str::from_utf8(chunk).map_err(|_| "bad configTokenSha256".to_owned())?;
-        origin[i] = u8::from_str_radix(s, 16).map_err(|_| "bad configTokenSha256".to_owned())?;
+        let s = std::str::from_utf8(chunk).map_err(|_| RecordError::Origin)?;
+        origin[i] = u8::from_str_radix(s, 16).map_err(|_| RecordError::Origin)?;
     }
     if rec.refresh_token.is_empty() {
-        return Err("empty refreshToken".into());
+        return Err(RecordError::EmptyToken);
     }
     Ok((
         rec.account,
@@ -851,5 +864,34 @@ mod tests {
         assert_eq!(warnings.len(), 1);
         assert!(store.is_empty());
         assert!(!tokens.join("y.json.tmp").exists());
+    }
+
+    #[test]
+    fn an_unusable_record_says_what_is_wrong_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = "ab".repeat(32);
+        let record = |version: u32, origin: &str, token: &str| {
+            format!(
+                r#"{{"version":{version},"account":"a","configTokenSha256":"{origin}","refreshToken":"{token}","updatedAtUnix":1}}"#
+            )
+        };
+        let cases = [
+            ("[1]".to_owned(), "not a refresh-token record"),
+            (record(2, &good, "r"), "unknown record version 2"),
+            (record(1, "abc", "r"), "bad configTokenSha256"),
+            (record(1, &"zz".repeat(32), "r"), "bad configTokenSha256"),
+            (record(1, &good, ""), "empty refreshToken"),
+        ];
+        for (i, (text, why)) in cases.iter().enumerate() {
+            let path = dir.path().join(format!("{i}.json"));
+            fs::write(&path, text).unwrap();
+            let e = read_record(&path).err().expect(why);
+            assert_eq!(e.to_string(), *why, "{text}");
+        }
+        let missing = read_record(&dir.path().join("none.json")).err().unwrap();
+        assert!(matches!(missing, RecordError::Read(_)), "{missing}");
+        fs::write(dir.path().join("ok.json"), record(1, &good, "r")).unwrap();
+        let (account, rec) = read_record(&dir.path().join("ok.json")).unwrap();
+        assert_eq!((account.as_str(), rec.token.expose()), ("a", "r"));
     }
 }

@@ -13,8 +13,9 @@ use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::CredentialSet;
+use crate::credentials::Grant;
 use crate::metrics::Metrics;
-use crate::provider::{Grant, ProviderError, TokenGrant, TokenRequest};
+use crate::provider::{ErrorCode, OurCode, ProviderError, TokenGrant, TokenRequest};
 use crate::state::TokenStore;
 
 /// The HTTP client and the shared limits for token fetches.
@@ -258,7 +259,7 @@ impl Upstream {
 }
 
 /// The error code of a fetch refused because shutdown began.
-pub const SHUTTING_DOWN: &str = "shutting_down";
+pub const SHUTTING_DOWN: ErrorCode = ErrorCode::Ours(OurCode::ShuttingDown);
 
 /// Serializes refresh-token spends of one account.
 type AccountLock = Arc<tokio::sync::Mutex<()>>;

@@ -17,7 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use common::*;
-use ee_auth_sidecar::config::{self, ConfigError};
+use ee_auth_sidecar::config;
+use ee_auth_sidecar::credentials::ConfigError;
 use serde_json::{json, Value};
 
 const MS_ID: &str = "ms-app-id";

@@ -159,7 +159,7 @@ impl EntryState {
             last_refresh_at: self.last_ok.map(rfc3339),
             last_error: self.failure.as_ref().map(|f| ErrorStatus {
                 class: f.error.class.as_str(),
-                code: f.error.code.clone(),
+                code: f.error.code.to_string(),
                 provider_code: f.error.provider_code.clone(),
                 hint: f.error.hint,
                 redirect_host: f.error.redirect_host.clone(),

@@ -28,10 +28,11 @@ use tokio::time::Instant;
 pub use entry::{CachedToken, ErrorStatus, Flight, KeyEntry, KeyState, KeyStatus};
 use entry::{DueId, EntryState, Failure, FetchResult, StateCounts};
 
-use crate::config::{CredentialKey, CredentialSet};
+use crate::config::CredentialSet;
+use crate::credentials::CredentialKey;
 use crate::metrics::{CacheEvent, Metrics, RefreshOutcome, Snapshot};
 use crate::protocol;
-use crate::provider::{ErrorClass, ExpiresIn, ProviderError};
+use crate::provider::{ErrorClass, ExpiresIn, OurCode, ProviderError};
 use crate::upstream::Upstream;
 use refresh::RefreshQueue;
 use schedule::{later, Freshness, Policy};
@@ -460,7 +461,7 @@ impl TokenCache {
                         "token fetch panicked; it counts as a transient failure and is retried");
                     let e = ProviderError {
                         hint: Some("an internal error; please report it"),
-                        ..ProviderError::transient("fetch_task_failed")
+                        ..ProviderError::transient(OurCode::FetchTaskFailed)
                     };
                     Err(this.fetch_failed(&task_entry, e))
                 }
@@ -473,7 +474,7 @@ impl TokenCache {
             match handle.await {
                 Ok(r) => r,
                 Err(_) => {
-                    let e = ProviderError::transient("fetch_task_failed");
+                    let e = ProviderError::transient(OurCode::FetchTaskFailed);
                     match cache.upgrade() {
                         Some(cache) => Err(cache.fetch_failed(&flight_entry, e)),
                         None => Err(Arc::new(e)),
@@ -500,7 +501,7 @@ impl TokenCache {
         // whatever is wrong with the rest of it.
         let refused = |hint| ProviderError {
             hint: Some(hint),
-            ..ProviderError::transient("invalid_response")
+            ..ProviderError::transient(OurCode::InvalidResponse)
         };
         let Some(access_token) = grant.access_token.as_ref() else {
             return Err(self.fetch_failed(&entry, refused("token response has no access_token")));
@@ -984,7 +985,7 @@ mod tests {
         ));
         assert!(cache.warm(&entry).is_none(), "no fetch starts on it");
         // A fetch result landing on it now (one started before the removal) is not kept.
-        let upstream_answer = ProviderError::transient("http_503");
+        let upstream_answer = ProviderError::transient(crate::provider::ErrorCode::Http(503));
         let _ = cache.fetch_failed(&entry, upstream_answer);
         assert_eq!(queued(&cache), 0, "a failure on it schedules no retry");
         assert!(entry.status().is_some_and(|s| s.last_error.is_none()));
@@ -1074,7 +1075,10 @@ mod tests {
             .await
             .expect("the flight ends")
             .expect_err("with an error");
-        assert_eq!(e.code, "fetch_task_failed");
+        assert_eq!(
+            e.code,
+            crate::provider::ErrorCode::Ours(OurCode::FetchTaskFailed)
+        );
         // Not stuck "refreshing" behind the dead flight: the failure is recorded and
         // retried after the back-off, by the refresh queue and by the next request.
         let (state, error) = state_of(&entry);
@@ -1220,7 +1224,7 @@ mod tests {
         // A permanent failure recorded for a key.
         let permanent = ProviderError {
             class: ErrorClass::Permanent,
-            ..ProviderError::transient("invalid_grant")
+            ..ProviderError::transient(crate::provider::OAuthCode::InvalidGrant)
         };
         let _ = cache.fetch_failed(&e[0], permanent);
         assert_eq!(count_of(&cache, KeyState::FailedPermanent), 1);

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::provider::MAX_RETRY_AFTER;
+
 /// Timing settings (all from the CLI).
 #[derive(Clone, Debug)]
 pub struct Policy {
@@ -41,12 +43,6 @@ impl Default for Policy {
         }
     }
 }
-
-/// The longest `Retry-After` we honour; a provider asking for more is retried after this.
-/// A throttled provider that recovers is then back in use within two minutes, not parked
-/// for whatever a misconfigured gateway asked (one `Retry-After: 86400` used to cost an
-/// hour); one retry per key every two minutes is no burden on a provider that still throttles.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
 
 /// The longest token lifetime we plan with; a longer `expires_in` is clamped to it. Every
 /// real provider issues an hour or less (24 h at most), and a token kept for years would

@@ -3,9 +3,12 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{check_url, classify, post_form, ClientAuth, ProviderError, TokenGrant, TokenRequest};
-use crate::config::{from_value, ConfigError, ScopedResolver, SecretSource};
-use crate::secret::Secret;
+use super::{
+    check_url, classify, post_form, ClientAuth, ErrorCode, OAuthCode, OurCode, ProviderError,
+    TokenGrant, TokenRequest,
+};
+use crate::credentials::{from_value, ConfigError};
+use crate::secret::{ScopedResolver, Secret, SecretSource};
 
 /// Google's token endpoint.
 pub const TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
@@ -56,7 +59,7 @@ impl Google {
     ) -> Result<TokenGrant, ProviderError> {
         let rt = req
             .refresh_token
-            .ok_or_else(|| ProviderError::transient("no_refresh_token"))?;
+            .ok_or_else(|| ProviderError::transient(OurCode::NoRefreshToken))?;
         let scope = req.scopes.join(" ");
         let mut form = vec![
             ("grant_type", "refresh_token"),
@@ -73,7 +76,7 @@ impl Google {
             .await
             .map_err(|f| {
                 let mut e = classify(f);
-                if e.code == "invalid_grant" {
+                if e.code == ErrorCode::Provider(OAuthCode::InvalidGrant) {
                     e.hint = Some("the refresh token was revoked, expired (unused 6 months, password change) or exceeded the per-client limit; the user must consent again");
                 }
                 e

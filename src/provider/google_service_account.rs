@@ -12,8 +12,12 @@ use rustls_pki_types::PrivatePkcs8KeyDer;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{check_url, classify, post_form, ClientAuth, ProviderError, TokenGrant, TokenRequest};
-use crate::config::{from_value, ConfigError, ScopedResolver, SecretSource};
+use super::{
+    check_url, classify, post_form, ClientAuth, ErrorCode, OAuthCode, OurCode, ProviderError,
+    TokenGrant, TokenRequest,
+};
+use crate::credentials::{from_value, ConfigError};
+use crate::secret::{ScopedResolver, SecretSource};
 
 /// How long an assertion (and so the token it buys) is asked to live; Google's maximum.
 const ASSERTION_LIFETIME_SECS: u64 = 3600;
@@ -127,7 +131,7 @@ impl ServiceAccount {
                 signing_input.as_bytes(),
                 &mut sig,
             )
-            .map_err(|_| ProviderError::transient("signing_failed"))?;
+            .map_err(|_| ProviderError::transient(OurCode::SigningFailed))?;
         Ok(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig)))
     }
 
@@ -150,9 +154,9 @@ impl ServiceAccount {
             .await
             .map_err(|f| {
                 let mut e = classify(f);
-                e.hint = match e.code.as_str() {
-                    "unauthorized_client" => Some("domain-wide delegation is not configured for this service account: authorize its client ID for these scopes in the Google Workspace admin console"),
-                    "invalid_grant" => Some("the mailbox user does not exist in the Workspace domain, or the key was deleted"),
+                e.hint = match &e.code {
+                    ErrorCode::Provider(OAuthCode::UnauthorizedClient) => Some("domain-wide delegation is not configured for this service account: authorize its client ID for these scopes in the Google Workspace admin console"),
+                    ErrorCode::Provider(OAuthCode::InvalidGrant) => Some("the mailbox user does not exist in the Workspace domain, or the key was deleted"),
                     _ => None,
                 };
                 e

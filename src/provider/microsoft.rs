@@ -4,12 +4,12 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    check_url, classify, post_form, ClientAuth, ErrorClass, Failure, Grant, ProviderError,
-    TokenGrant, TokenRequest,
+    check_url, classify, post_form, ClientAuth, ErrorClass, ErrorCode, Failure, Grant, GrantError,
+    OAuthCode, OurCode, ProviderError, ScopeError, TokenGrant, TokenRequest,
 };
-use crate::config::{from_value, ConfigError, ScopedResolver, SecretSource};
+use crate::credentials::{from_value, ConfigError};
 use crate::protocol::Proto;
-use crate::secret::Secret;
+use crate::secret::{ScopedResolver, Secret, SecretSource};
 
 /// A national cloud: picks the authority host and the resource hosts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
@@ -139,27 +139,32 @@ impl Microsoft {
     }
 
     /// refresh_token always; client_credentials only for a specific tenant with a secret.
-    pub fn check_grant(&self, grant: Grant) -> Result<(), String> {
+    pub fn check_grant(&self, grant: Grant) -> Result<(), GrantError> {
         match grant {
             Grant::RefreshToken => Ok(()),
-            Grant::ClientCredentials if PUBLIC_TENANTS.contains(&self.tenant.as_str()) => Err(format!(
-                "the client_credentials grant needs a specific tenant (a tenant id or domain), not `{}`",
-                self.tenant
-            )),
+            Grant::ClientCredentials if PUBLIC_TENANTS.contains(&self.tenant.as_str()) => {
+                Err(GrantError::PublicTenant {
+                    tenant: self.tenant.clone(),
+                })
+            }
             Grant::ClientCredentials if self.client_secret.is_none() => {
-                Err("the client_credentials grant needs the provider's clientSecret".into())
+                Err(GrantError::NoClientSecret)
             }
             Grant::ClientCredentials => Ok(()),
-            Grant::JwtBearer => Err("a microsoft provider does not support the jwt_bearer grant (supported: refresh_token, client_credentials)".into()),
+            Grant::JwtBearer => Err(GrantError::Unsupported {
+                kind: "microsoft",
+                grant,
+                supported: &[Grant::RefreshToken, Grant::ClientCredentials],
+            }),
         }
     }
 
     /// App-only tokens can only ask for `<resource>/.default`.
-    pub fn check_scopes(&self, grant: Grant, scopes: &[String]) -> Result<(), String> {
+    pub fn check_scopes(&self, grant: Grant, scopes: &[String]) -> Result<(), ScopeError> {
         if grant == Grant::ClientCredentials
             && (scopes.len() != 1 || !scopes[0].ends_with("/.default"))
         {
-            return Err("the client_credentials grant takes exactly one scope of the form `<resource>/.default`".into());
+            return Err(ScopeError::NotDefault);
         }
         // One token has one audience: Outlook (IMAP/SMTP) and Graph scopes cannot be mixed
         // (Microsoft answers AADSTS28000); catch it at load time, not at the first refresh.
@@ -170,9 +175,8 @@ impl Microsoft {
         resources.sort_unstable();
         resources.dedup();
         if resources.len() > 1 {
-            return Err(format!(
-                "scopes for different resources ({}) cannot be in one token; give the Graph scopes their own set under `protocols.api`",
-                resources.join(", ")
+            return Err(ScopeError::MixedResources(
+                resources.into_iter().map(str::to_owned).collect(),
             ));
         }
         Ok(())
@@ -212,7 +216,7 @@ impl Microsoft {
             Grant::RefreshToken => {
                 let rt = req
                     .refresh_token
-                    .ok_or_else(|| ProviderError::transient("no_refresh_token"))?;
+                    .ok_or_else(|| ProviderError::transient(OurCode::NoRefreshToken))?;
                 form.push(("grant_type", "refresh_token"));
                 form.push(("refresh_token", rt.expose()));
             }
@@ -243,7 +247,10 @@ fn classify_microsoft(f: Failure) -> ProviderError {
         e.provider_code = Some(format!("AADSTS{code}"));
         // A 4xx is already permanent; an AADSTS code that needs a person makes the
         // rare non-standard answer (a 5xx carrying one) permanent too.
-        if PERMANENT_AADSTS.contains(&code) && !throttled && e.code != "temporarily_unavailable" {
+        if PERMANENT_AADSTS.contains(&code)
+            && !throttled
+            && e.code != ErrorCode::Provider(OAuthCode::TemporarilyUnavailable)
+        {
             e.class = ErrorClass::Permanent;
         }
         e.hint = match code {
@@ -258,7 +265,12 @@ fn classify_microsoft(f: Failure) -> ProviderError {
             _ => None,
         };
     }
-    if e.hint.is_none() && matches!(e.code.as_str(), "interaction_required" | "consent_required") {
+    if e.hint.is_none()
+        && matches!(
+            e.code,
+            ErrorCode::Provider(OAuthCode::InteractionRequired | OAuthCode::ConsentRequired)
+        )
+    {
         e.hint = Some("the user must sign in interactively and consent again");
     }
     e
@@ -307,7 +319,7 @@ mod tests {
         });
         assert_eq!(e.class, ErrorClass::Permanent);
         assert_eq!(e.provider_code.as_deref(), Some("AADSTS70008"));
-        assert_eq!(e.code, "invalid_grant");
+        assert_eq!(e.code, ErrorCode::Provider(OAuthCode::InvalidGrant));
         assert!(!e.to_string().contains("authorization code"));
     }
 
@@ -478,6 +490,13 @@ mod tests {
                 ]),
             )
             .unwrap_err();
-        assert!(e.contains("protocols.api"), "{e}");
+        assert_eq!(
+            e,
+            ScopeError::MixedResources(vec![
+                "https://graph.microsoft.com".into(),
+                "https://outlook.office.com".into()
+            ])
+        );
+        assert!(e.to_string().contains("protocols.api"), "{e}");
     }
 }

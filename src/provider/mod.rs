@@ -4,6 +4,7 @@
 //! config load) and its request format; this module holds what they share: the grant
 //! names, the token-endpoint round trip, token-response parsing and error classification.
 
+mod code;
 pub mod google;
 pub mod google_service_account;
 pub mod microsoft;
@@ -15,35 +16,17 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::cache::schedule::MAX_RETRY_AFTER;
-use crate::config::{ConfigError, ScopedResolver};
+use crate::credentials::{ConfigError, Grant};
 use crate::protocol::Proto;
-use crate::secret::Secret;
+use crate::secret::{ScopedResolver, Secret};
 
-/// An OAuth2 grant the sidecar can perform.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
-pub enum Grant {
-    /// Delegated access from a stored refresh token.
-    #[serde(rename = "refresh_token")]
-    RefreshToken,
-    /// App-only access with the client's own credentials.
-    #[serde(rename = "client_credentials")]
-    ClientCredentials,
-    /// RFC 7523 JWT bearer assertion (Google service accounts).
-    #[serde(rename = "jwt_bearer")]
-    JwtBearer,
-}
+pub use code::{ErrorCode, OAuthCode, OurCode};
 
-impl Grant {
-    /// The config name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Grant::RefreshToken => "refresh_token",
-            Grant::ClientCredentials => "client_credentials",
-            Grant::JwtBearer => "jwt_bearer",
-        }
-    }
-}
+/// The longest `Retry-After` we honour; a provider asking for more is retried after this.
+/// A throttled provider that recovers is then back in use within two minutes, not parked
+/// for whatever a misconfigured gateway asked (one `Retry-After: 86400` used to cost an
+/// hour); one retry per key every two minutes is no burden on a provider that still throttles.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
 
 /// What one token fetch needs.
 #[derive(Debug)]
@@ -112,7 +95,7 @@ pub struct ProviderError {
     /// Transient or permanent.
     pub class: ErrorClass,
     /// The OAuth2 `error` code (`invalid_grant`), or ours (`timeout`, `http_503`, `invalid_response`).
-    pub code: String,
+    pub code: ErrorCode,
     /// A provider-specific code such as `AADSTS70008`.
     pub provider_code: Option<String>,
     /// What the operator should do, where we know.
@@ -126,7 +109,7 @@ pub struct ProviderError {
 
 impl ProviderError {
     /// A transient failure with our own code.
-    pub fn transient(code: impl Into<String>) -> Self {
+    pub fn transient(code: impl Into<ErrorCode>) -> Self {
         ProviderError {
             class: ErrorClass::Transient,
             code: code.into(),
@@ -136,6 +119,54 @@ impl ProviderError {
             redirect_host: None,
         }
     }
+}
+
+/// Why a provider cannot perform a grant an account asks for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GrantError {
+    /// This provider type does not implement the grant.
+    #[error("a {kind} provider does not support the {} grant (supported: {})", .grant.as_str(), grant_names(.supported))]
+    Unsupported {
+        /// The provider type.
+        kind: &'static str,
+        /// The grant asked for.
+        grant: Grant,
+        /// The grants it implements.
+        supported: &'static [Grant],
+    },
+    /// App-only access needs a tenant to be issued in.
+    #[error("the client_credentials grant needs a specific tenant (a tenant id or domain), not `{tenant}`")]
+    PublicTenant {
+        /// The configured multi-tenant name (`common`, …).
+        tenant: String,
+    },
+    /// App-only access needs the client's own secret.
+    #[error("the client_credentials grant needs the provider's clientSecret")]
+    NoClientSecret,
+}
+
+fn grant_names(grants: &[Grant]) -> String {
+    grants
+        .iter()
+        .map(|g| g.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Why a set of scopes cannot be asked for in one token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScopeError {
+    /// A service-account assertion without a scope.
+    #[error("a service-account assertion needs at least one scope")]
+    Missing,
+    /// App-only tokens take a single `<resource>/.default` scope.
+    #[error(
+        "the client_credentials grant takes exactly one scope of the form `<resource>/.default`"
+    )]
+    NotDefault,
+    /// Scopes of several resources (audiences), which no single token can have.
+    #[error("scopes for different resources ({}) cannot be in one token; give the Graph scopes their own set under `protocols.api`", .0.join(", "))]
+    MixedResources(Vec<String>),
 }
 
 /// A configured identity provider.
@@ -199,7 +230,7 @@ impl Provider {
     }
 
     /// Whether this provider can perform `grant`; the error says why not.
-    pub fn check_grant(&self, grant: Grant) -> Result<(), String> {
+    pub fn check_grant(&self, grant: Grant) -> Result<(), GrantError> {
         let supported: &[Grant] = match self {
             Provider::OAuth2(_) => &[Grant::RefreshToken, Grant::ClientCredentials],
             Provider::Microsoft(m) => return m.check_grant(grant),
@@ -209,16 +240,11 @@ impl Provider {
         if supported.contains(&grant) {
             Ok(())
         } else {
-            Err(format!(
-                "a {} provider does not support the {} grant (supported: {})",
-                self.kind(),
-                grant.as_str(),
-                supported
-                    .iter()
-                    .map(|g| g.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
+            Err(GrantError::Unsupported {
+                kind: self.kind(),
+                grant,
+                supported,
+            })
         }
     }
 
@@ -228,12 +254,10 @@ impl Provider {
         grant: Grant,
         scopes: &[String],
         explicit: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), ScopeError> {
         match self {
             Provider::Microsoft(m) => m.check_scopes(grant, scopes),
-            Provider::GoogleServiceAccount(_) if scopes.is_empty() => {
-                Err("a service-account assertion needs at least one scope".into())
-            }
+            Provider::GoogleServiceAccount(_) if scopes.is_empty() => Err(ScopeError::Missing),
             _ => {
                 let _ = explicit;
                 Ok(())
@@ -383,7 +407,7 @@ fn redirect_error(resp: &reqwest::Response) -> ProviderError {
             "the token endpoint answered with a redirect, which is never followed (it would re-send the credentials); set tokenUrl to the final URL",
         ),
         redirect_host,
-        ..ProviderError::transient("redirect")
+        ..ProviderError::transient(OurCode::Redirect)
     }
 }
 
@@ -397,7 +421,7 @@ async fn read_limited(mut resp: reqwest::Response) -> Result<bytes::Bytes, Provi
             Ok(Some(chunk)) => {
                 total += chunk.len();
                 if total > MAX_RESPONSE_BYTES {
-                    return Err(ProviderError::transient("response_too_large"));
+                    return Err(ProviderError::transient(OurCode::ResponseTooLarge));
                 }
                 chunks.push(chunk);
             }
@@ -411,13 +435,13 @@ async fn read_limited(mut resp: reqwest::Response) -> Result<bytes::Bytes, Provi
 fn network_error(e: &reqwest::Error) -> ProviderError {
     // reqwest's Display names the URL, which is fine, but our own codes are steadier.
     let code = if e.is_timeout() {
-        "timeout"
+        OurCode::Timeout
     } else if e.is_connect() {
-        "connect_failed"
+        OurCode::ConnectFailed
     } else if e.is_body() || e.is_decode() {
-        "connection_lost"
+        OurCode::ConnectionLost
     } else {
-        "network_error"
+        OurCode::NetworkError
     };
     ProviderError::transient(code)
 }
@@ -454,7 +478,7 @@ fn json_string(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
 pub fn parse_token_response(body: &[u8]) -> Result<TokenGrant, ProviderError> {
     let invalid = |what: &'static str| ProviderError {
         hint: Some(what),
-        ..ProviderError::transient("invalid_response")
+        ..ProviderError::transient(OurCode::InvalidResponse)
     };
     let fields: HashMap<JsonStr<'_>, &serde_json::value::RawValue> = serde_json::from_slice(body)
         .map_err(|_| {
@@ -491,20 +515,6 @@ pub fn parse_token_response(body: &[u8]) -> Result<TokenGrant, ProviderError> {
     })
 }
 
-/// OAuth2 error codes after which retrying cannot help.
-const PERMANENT_CODES: &[&str] = &[
-    "invalid_grant",
-    "invalid_client",
-    "unauthorized_client",
-    "unsupported_grant_type",
-    "invalid_scope",
-    "invalid_request",
-    "access_denied",
-    "interaction_required",
-    "consent_required",
-    "login_required",
-];
-
 /// Classifies a failure the standard way; providers refine the result.
 pub(crate) fn classify(f: Failure) -> ProviderError {
     match f {
@@ -514,20 +524,23 @@ pub(crate) fn classify(f: Failure) -> ProviderError {
             retry_after,
             body,
         } => {
-            let code = body.as_ref().and_then(|b| b.error.clone());
+            // A code that is too long or not printable is not echoed (nor one we know).
+            let code = body
+                .as_ref()
+                .and_then(|b| b.error.as_deref())
+                .filter(|c| c.len() <= 64 && c.bytes().all(|b| b.is_ascii_graphic()))
+                .map(OAuthCode::parse);
             let transient_status = status == 408 || status == 425 || status == 429 || status >= 500;
-            let class = match code.as_deref() {
+            let class = match code.as_ref().and_then(OAuthCode::needs_a_person) {
                 _ if transient_status => ErrorClass::Transient,
-                Some(c) if PERMANENT_CODES.contains(&c) => ErrorClass::Permanent,
-                Some("temporarily_unavailable") | Some("slow_down") => ErrorClass::Transient,
+                Some(true) => ErrorClass::Permanent,
+                Some(false) => ErrorClass::Transient,
                 // Any other 4xx: a request this client keeps making will keep failing.
-                _ => ErrorClass::Permanent,
+                None => ErrorClass::Permanent,
             };
             ProviderError {
                 class,
-                code: code
-                    .filter(|c| c.len() <= 64 && c.bytes().all(|b| b.is_ascii_graphic()))
-                    .unwrap_or_else(|| format!("http_{status}")),
+                code: code.map_or(ErrorCode::Http(status), ErrorCode::Provider),
                 provider_code: None,
                 hint: None,
                 retry_after,
@@ -644,7 +657,8 @@ mod tests {
         ] {
             let e = parse_token_response(bad).unwrap_err();
             assert_eq!(e.class, ErrorClass::Transient);
-            assert_eq!(e.code, "invalid_response");
+            assert_eq!(e.code, ErrorCode::Ours(OurCode::InvalidResponse));
+            assert_eq!(e.code.to_string(), "invalid_response");
         }
         // No usable access token is not a parse error: a rotated refresh token in the
         // same answer must still reach the state store (the cache then refuses it).
@@ -675,12 +689,66 @@ mod tests {
         assert_eq!(st(400, Some("invalid_grant")).class, ErrorClass::Permanent);
         assert_eq!(st(401, Some("invalid_client")).class, ErrorClass::Permanent);
         assert_eq!(st(503, None).class, ErrorClass::Transient);
-        assert_eq!(st(503, None).code, "http_503");
+        assert_eq!(st(503, None).code, ErrorCode::Http(503));
+        assert_eq!(
+            st(400, Some("invalid_grant")).code,
+            ErrorCode::Provider(OAuthCode::InvalidGrant)
+        );
+        // Unknown codes are kept as sent and are permanent on a 4xx; unprintable or
+        // overlong ones are not echoed.
+        let other = st(400, Some("weird_code"));
+        assert_eq!(other.code.to_string(), "weird_code");
+        assert_eq!(other.class, ErrorClass::Permanent);
+        assert_eq!(st(400, Some("bad code")).code, ErrorCode::Http(400));
+        assert_eq!(st(400, Some(&"x".repeat(65))).code, ErrorCode::Http(400));
+        assert_eq!(st(400, Some("slow_down")).class, ErrorClass::Transient);
         assert_eq!(st(429, Some("invalid_grant")).class, ErrorClass::Transient);
         assert_eq!(
             st(400, Some("temporarily_unavailable")).class,
             ErrorClass::Transient
         );
+    }
+
+    #[test]
+    fn config_check_messages_name_what_to_change() {
+        let both = &[Grant::RefreshToken, Grant::ClientCredentials][..];
+        let cases = [
+            (
+                GrantError::Unsupported {
+                    kind: "oauth2",
+                    grant: Grant::JwtBearer,
+                    supported: both,
+                }
+                .to_string(),
+                "a oauth2 provider does not support the jwt_bearer grant (supported: refresh_token, client_credentials)",
+            ),
+            (
+                GrantError::PublicTenant {
+                    tenant: "common".into(),
+                }
+                .to_string(),
+                "the client_credentials grant needs a specific tenant (a tenant id or domain), not `common`",
+            ),
+            (
+                GrantError::NoClientSecret.to_string(),
+                "the client_credentials grant needs the provider's clientSecret",
+            ),
+            (
+                ScopeError::Missing.to_string(),
+                "a service-account assertion needs at least one scope",
+            ),
+            (
+                ScopeError::NotDefault.to_string(),
+                "the client_credentials grant takes exactly one scope of the form `<resource>/.default`",
+            ),
+            (
+                ScopeError::MixedResources(vec!["a".into(), "b".into()]).to_string(),
+                "scopes for different resources (a, b) cannot be in one token; give the Graph scopes their own set under `protocols.api`",
+            ),
+        ];
+        for (got, want) in cases {
+            assert_eq!(got, want);
+        }
     }
 
     #[test]

@@ -4,11 +4,11 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    check_url, classify, post_form, ClientAuth, ClientAuthMethod, Grant, ProviderError, TokenGrant,
-    TokenRequest,
+    check_url, classify, post_form, ClientAuth, ClientAuthMethod, Grant, OurCode, ProviderError,
+    TokenGrant, TokenRequest,
 };
-use crate::config::{from_value, ConfigError, ScopedResolver, SecretSource};
-use crate::secret::Secret;
+use crate::credentials::{from_value, ConfigError};
+use crate::secret::{ScopedResolver, Secret, SecretSource};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -70,7 +70,7 @@ impl OAuth2 {
                 form.push(("grant_type", "refresh_token"));
                 let rt = req
                     .refresh_token
-                    .ok_or_else(|| ProviderError::transient("no_refresh_token"))?;
+                    .ok_or_else(|| ProviderError::transient(OurCode::NoRefreshToken))?;
                 form.push(("refresh_token", rt.expose()));
             }
             _ => form.push(("grant_type", "client_credentials")),
