@@ -231,6 +231,7 @@ impl Sidecar {
     /// applies the differences to the cache. An invalid config changes nothing.
     pub async fn reload(self: &Arc<Self>) -> Result<bool, ConfigErrors> {
         let _one_at_a_time = self.reloading.lock().await;
+        let started = std::time::Instant::now();
         let path = self.options.config_path.clone();
         // Files byte-for-byte as the config in use was built from them: nothing to parse.
         // Only when the last attempt succeeded; a broken file is re-parsed (and its error
@@ -286,7 +287,7 @@ impl Sidecar {
                     st.last_error = None;
                     st.last_error_at = None;
                 }
-                self.apply(changes, accounts);
+                self.apply(changes, accounts, started);
                 // Freeing a big map takes a while: off the serving thread too.
                 let _ = at_low_priority(move || {
                     drop(old);
@@ -321,7 +322,7 @@ impl Sidecar {
     /// changed accounts are warmed in the background. Unchanged keys keep their entries
     /// and cause no upstream call. A request that still holds the old routes finds a
     /// retired entry and asks the new routes ([`crate::cache::CacheError::Superseded`]).
-    fn apply(self: &Arc<Self>, changes: Changes, accounts: usize) {
+    fn apply(self: &Arc<Self>, changes: Changes, accounts: usize, started: std::time::Instant) {
         for entry in &changes.commit {
             self.cache.commit(entry);
         }
@@ -333,6 +334,7 @@ impl Sidecar {
             removed_sets = changes.removed.len(),
             changed_sets = changes.commit.len(),
             warming_sets = changes.warm.len(),
+            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             "config reloaded"
         );
         if !changes.warm.is_empty() {
