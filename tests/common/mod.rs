@@ -8,13 +8,16 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+// tokio's clock: the same as std's, except under a paused clock (`start_paused`), where
+// what the mock records and checks is in virtual time, like the sidecar's own schedule.
+use tokio::time::Instant;
 
 #[allow(unused_imports)] // not every test file uses each of them
 pub use ee_auth_sidecar::{start, Options, Running};
@@ -106,6 +109,9 @@ pub struct IdpState {
     /// expires_in of issued tokens (seconds, may be fractional); None omits it.
     pub lifetime: Option<f64>,
     pub fault: Fault,
+    /// When set, `fault` applies to this many more calls only; then the mock answers
+    /// normally again (`Fault::None`).
+    pub fault_calls: Option<u64>,
     /// Extra delay before answering.
     pub delay: Duration,
     /// Issue a new refresh token on every refresh_token grant.
@@ -161,6 +167,7 @@ impl MockIdp {
         let state = Arc::new(Mutex::new(IdpState {
             lifetime: Some(3600.0),
             fault: Fault::None,
+            fault_calls: None,
             delay: Duration::ZERO,
             rotate: false,
             valid_refresh_tokens: None,
@@ -230,7 +237,24 @@ impl MockIdp {
     }
 
     pub fn set_fault(&self, fault: Fault) {
-        self.with(|s| s.fault = fault);
+        self.with(|s| {
+            s.fault = fault;
+            s.fault_calls = None;
+        });
+    }
+
+    /// `fault` for the next `calls` token requests, then normal answers (not for
+    /// `Fault::Reset`, which acts on connections).
+    pub fn set_fault_for(&self, fault: Fault, calls: u64) {
+        self.with(|s| {
+            s.fault = fault;
+            s.fault_calls = Some(calls);
+        });
+    }
+
+    /// When each token request arrived, in order.
+    pub fn call_times(&self) -> Vec<Instant> {
+        self.with(|s| s.requests.iter().map(|r| r.at).collect())
     }
 
     pub fn set_lifetime(&self, secs: Option<f64>) {
@@ -325,6 +349,16 @@ async fn handle(
         s.inflight += 1;
         s.peak_inflight = s.peak_inflight.max(s.inflight);
         let mut fault = s.fault.clone();
+        if let Some(left) = s.fault_calls {
+            if left == 0 {
+                fault = Fault::None;
+            }
+            // This call takes the fault; after the last one the mock answers normally.
+            s.fault_calls = left.checked_sub(1).filter(|l| *l > 0);
+            if s.fault_calls.is_none() {
+                s.fault = Fault::None;
+            }
+        }
         if fault == Fault::None
             && s.transient_failure_rate > 0.0
             && fastrand::f64() < s.transient_failure_rate
@@ -711,4 +745,27 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
                 .unwrap_or_else(|_| panic!("{series}: not a number: {value}")),
         )
     })
+}
+
+/// Holds tokio's paused clock still while it lives. Under `start_paused` the clock jumps
+/// to the next timer whenever no task can run, including while the runtime waits for a
+/// thread outside it (the sidecar loads its config on a thread of its own): a running
+/// `spawn_blocking` task inhibits that (tokio's documented remedy), so such waits take
+/// no virtual time. Await only I/O while frozen: a timer would never fire.
+pub struct Frozen(Option<std::sync::mpsc::Sender<()>>);
+
+/// See [`Frozen`].
+pub fn freeze() -> Frozen {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    drop(tokio::task::spawn_blocking(move || {
+        let _ = rx.recv();
+    }));
+    Frozen(Some(tx))
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // The blocking task's `recv` returns: the clock may advance again.
+        self.0.take();
+    }
 }
