@@ -145,19 +145,6 @@ fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).into_owned()
 }
 
-async fn wait_ready(c: &reqwest::Client, addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = c.get(format!("http://{addr}/readyz")).send().await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // SIGTERM during a burst
 
@@ -354,7 +341,7 @@ async fn sigterm_during_a_burst_loses_no_request_flushes_state_and_exits_zero() 
     );
     let a = sc.addr().await;
     let c = client();
-    wait_ready(&c, a).await;
+    assert!(wait_ready(&c, a, Duration::from_secs(20)).await, "never ready");
     assert_eq!(ask(&c, a, "account=hot&proto=imap", None).await.status, 200);
 
     // The burst: keep-alive connections asking for a cached token back to back...
@@ -690,7 +677,7 @@ async fn full_run_leaks_no_secret(mode: LogMode) {
     let mut sc = Proc::spawn(&logs, &argv, &env);
     let a = sc.addr().await;
     let c = client();
-    wait_ready(&c, a).await;
+    assert!(wait_ready(&c, a, Duration::from_secs(20)).await, "never ready");
     let mut seen = Seen::default();
     let mut answers = Vec::new();
     let url = |q: &str| format!("http://{a}/authentication?{q}");

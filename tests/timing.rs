@@ -21,18 +21,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use serde_json::json;
 use tokio::time::{sleep_until, Instant};
 
 /// tokio's timers fire on whole milliseconds: a deadline is met at most this late.
 const TICK: Duration = Duration::from_millis(1);
 
-fn accounts(idp: &MockIdp, n: usize) -> serde_json::Value {
-    let accounts: serde_json::Map<String, serde_json::Value> = (0..n)
-        .map(|i| (format!("a{i}"), json!({ "user": format!("u{i}@example.com"), "provider": "idp", "refreshToken": format!("rt-{i}") })))
-        .collect();
-    json!({ "providers": { "idp": oauth2_provider(idp) }, "accounts": accounts })
-}
 
 /// Options for a sidecar on the paused clock: pre-warm (or not) and the default policy.
 fn options(cfg: &Path, prewarm: usize) -> Options {
@@ -103,7 +96,7 @@ async fn a_token_is_refreshed_in_the_background_inside_its_refresh_window() {
         let idp = MockIdp::start().await;
         idp.set_lifetime(Some(lifetime.as_secs_f64()));
         let dir = tempfile::tempdir().unwrap();
-        let cfg = write_config(dir.path(), &accounts(&idp, N));
+        let cfg = write_config(dir.path(), &oauth2_accounts(&idp, N));
         let o = options(&cfg, N);
         let (lo, hi) = refresh_window(lifetime, o.policy.margin_floor);
         let sc = start_frozen(o).await;
@@ -140,11 +133,11 @@ async fn a_token_is_refreshed_in_the_background_inside_its_refresh_window() {
 
 #[tokio::test(start_paused = true)]
 async fn refreshes_of_tokens_issued_together_spread_over_the_whole_jitter_window() {
-    const N: usize = 1000;
+    const N: usize = 10_000;
     let lifetime = Duration::from_secs(3600);
     let idp = MockIdp::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), &accounts(&idp, N));
+    let cfg = write_config(dir.path(), &oauth2_accounts(&idp, N));
     let o = options(&cfg, 64);
     let cap = o.provider_concurrency as u64;
     let (lo, hi) = refresh_window(lifetime, o.policy.margin_floor);
@@ -220,7 +213,7 @@ async fn after_transient_failures_attempts_follow_the_back_off_schedule() {
     let idp = MockIdp::start().await;
     idp.set_fault(Fault::status(503, None));
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), &accounts(&idp, N));
+    let cfg = write_config(dir.path(), &oauth2_accounts(&idp, N));
     let o = options(&cfg, N);
     let (base, max) = (o.policy.backoff_base, o.policy.backoff_max);
     let sc = start_frozen(o).await;
@@ -260,7 +253,7 @@ async fn a_permanent_failure_is_retried_after_the_permanent_retry_interval() {
     let idp = MockIdp::start().await;
     idp.set_fault(Fault::invalid_grant(None));
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), &accounts(&idp, 1));
+    let cfg = write_config(dir.path(), &oauth2_accounts(&idp, 1));
     let o = options(&cfg, 1);
     let retry = o.policy.permanent_retry;
     let sc = start_frozen(o).await;
@@ -285,7 +278,7 @@ async fn a_provider_retry_after_is_honoured_and_counts_for_two_minutes_at_most()
         let idp = MockIdp::start().await;
         idp.set_fault(Fault::status(status, Some(retry_after)));
         let dir = tempfile::tempdir().unwrap();
-        let cfg = write_config(dir.path(), &accounts(&idp, N));
+        let cfg = write_config(dir.path(), &oauth2_accounts(&idp, N));
         let o = options(&cfg, N);
         let (base, max) = (o.policy.backoff_base, o.policy.backoff_max);
         let sc = start_frozen(o).await;
@@ -315,7 +308,7 @@ async fn a_held_request_is_answered_by_the_attempt_after_the_back_off() {
     let idp = MockIdp::start().await;
     idp.set_fault_for(Fault::status(503, None), 2);
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), &accounts(&idp, 1));
+    let cfg = write_config(dir.path(), &oauth2_accounts(&idp, 1));
     let o = options(&cfg, 0);
     let (base, max, wait) = (
         o.policy.backoff_base,
@@ -353,7 +346,7 @@ async fn a_lookup_rides_a_retry_after_beyond_the_request_wait_to_the_next_attemp
     let idp = MockIdp::start().await;
     idp.set_fault_for(Fault::status(503, Some(60)), 1);
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), &accounts(&idp, 1));
+    let cfg = write_config(dir.path(), &oauth2_accounts(&idp, 1));
     let o = options(&cfg, 0);
     let wait = o.policy.request_wait;
     assert_eq!(wait, Duration::from_secs(20), "the default --request-wait");

@@ -83,6 +83,13 @@ pub struct Recorded {
     pub at: Instant,
 }
 
+impl Recorded {
+    /// The `scope` the request asked for, if any.
+    pub fn scope(&self) -> Option<&str> {
+        self.form.get("scope").map(String::as_str)
+    }
+}
+
 /// Checks a request the way a real provider would (its wire format). An `Err` is
 /// recorded in [`IdpState::violations`] and answered 400 `invalid_request`.
 #[derive(Clone)]
@@ -273,6 +280,12 @@ impl MockIdp {
     /// What the validator refused so far.
     pub fn violations(&self) -> Vec<String> {
         self.with(|s| s.violations.clone())
+    }
+
+    /// The request an access token was issued for (the token must be one of the mock's).
+    pub fn issued_request(&self, token: &str) -> Recorded {
+        self.request_for(token)
+            .unwrap_or_else(|| panic!("token {token} was not issued by the mock"))
     }
 
     /// The request an access token was issued for.
@@ -555,6 +568,15 @@ pub async fn ask(
     }
 }
 
+/// A config of `n` accounts `a0`, `a1`, ... of one oauth2 provider `idp` (the mock),
+/// with refresh tokens `rt-0`, `rt-1`, ...
+pub fn oauth2_accounts(idp: &MockIdp, n: usize) -> serde_json::Value {
+    let accounts: serde_json::Map<String, serde_json::Value> = (0..n)
+        .map(|i| (format!("a{i}"), serde_json::json!({ "user": format!("u{i}@example.com"), "provider": "idp", "refreshToken": format!("rt-{i}") })))
+        .collect();
+    serde_json::json!({ "providers": { "idp": oauth2_provider(idp) }, "accounts": accounts })
+}
+
 /// A generic oauth2 provider entry pointing at the mock.
 pub fn oauth2_provider(idp: &MockIdp) -> serde_json::Value {
     serde_json::json!({ "type": "oauth2", "tokenUrl": idp.url("/token"), "clientId": "client-1", "clientSecret": "client-secret-value" })
@@ -723,7 +745,7 @@ pub fn mkfifo(path: &Path) {
     assert!(ok, "mkfifo {} failed", path.display());
 }
 
-/// A sidecar's `/metrics` text (the scrape must answer 200).
+/// A sidecar's `/metrics` text (the scrape must answer 200, in Prometheus text format).
 pub async fn scrape(c: &reqwest::Client, addr: SocketAddr) -> String {
     let resp = c
         .get(format!("http://{addr}/metrics"))
@@ -731,6 +753,14 @@ pub async fn scrape(c: &reqwest::Client, addr: SocketAddr) -> String {
         .await
         .expect("/metrics answers");
     assert_eq!(resp.status().as_u16(), 200, "/metrics");
+    let content_type = resp.headers().get("content-type").cloned();
+    assert!(
+        content_type
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/plain")),
+        "Prometheus text format: {content_type:?}"
+    );
     resp.text().await.unwrap()
 }
 
@@ -768,4 +798,58 @@ impl Drop for Frozen {
         // The blocking task's `recv` returns: the clock may advance again.
         self.0.take();
     }
+}
+
+/// One sample of a sidecar's `/metrics` (`name` or `name{labels}`), `None` when absent.
+pub async fn scraped(c: &reqwest::Client, addr: SocketAddr, series: &str) -> Option<f64> {
+    sample(&scrape(c, addr).await, series)
+}
+
+/// One sample of a sidecar's `/metrics`, 0 while it is absent (a counter before its
+/// first event).
+pub async fn metric(c: &reqwest::Client, addr: SocketAddr, series: &str) -> f64 {
+    scraped(c, addr, series).await.unwrap_or(0.0)
+}
+
+/// Polls `/readyz` until it answers 200 (true) or `timeout` passes (false).
+pub async fn wait_ready(c: &reqwest::Client, addr: SocketAddr, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(r) = c.get(format!("http://{addr}/readyz")).send().await {
+            if r.status() == 200 {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Resident memory of process `pid` in KiB (0 when it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The wall clock as Unix seconds.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Lower-case hex SHA-256 of `s` (the state directory names its records so).
+pub fn sha256_hex(s: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
