@@ -513,7 +513,10 @@ async fn sigterm_at_random_moments_under_refresh_traffic_loses_no_account() {
             // During start-up and pre-warm: every account refreshing at once.
             tokio::time::sleep(Duration::from_millis(rng.u64(0..400))).await;
         } else {
-            assert!(wait_ready(&c, sc.addr, Duration::from_secs(20)).await, "round {round}: never ready");
+            assert!(
+                wait_ready(&c, sc.addr, Duration::from_secs(20)).await,
+                "round {round}: never ready"
+            );
             // Pre-warm spent every persisted token: an account lost by the previous stop
             // answers 403 invalid_grant here.
             for (acct, why) in accounts_failing(&c, sc.addr, &idp, TERM_ACCOUNTS).await {

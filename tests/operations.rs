@@ -556,7 +556,10 @@ async fn forced_refresh_renews_the_sets_in_use_single_flight_and_reports_each() 
 
     let first = ask(&c, a, "account=outlook&proto=imap", None).await;
     assert_eq!(first.status, 200);
-    assert!(idp.requests()[0].scope().unwrap_or_default().contains("IMAP.AccessAsUser.All"));
+    assert!(idp.requests()[0]
+        .scope()
+        .unwrap_or_default()
+        .contains("IMAP.AccessAsUser.All"));
 
     // Only IMAP is in use: the refresh renews that set and leaves Graph alone.
     let r = post(&c, a, "/v1/accounts/outlook/refresh", ops).await;
@@ -569,7 +572,10 @@ async fn forced_refresh_renews_the_sets_in_use_single_flight_and_reports_each() 
     assert_eq!(body["credentialSets"][0]["refreshed"], true);
     assert_eq!(body["credentialSets"][0]["state"], "ok");
     assert_eq!(idp.calls(), 2);
-    assert!(idp.requests()[1].scope().unwrap_or_default().contains("IMAP.AccessAsUser.All"));
+    assert!(idp.requests()[1]
+        .scope()
+        .unwrap_or_default()
+        .contains("IMAP.AccessAsUser.All"));
     let second = ask(&c, a, "account=outlook&proto=imap", None).await;
     assert_ne!(
         second.token(),
@@ -583,14 +589,22 @@ async fn forced_refresh_renews_the_sets_in_use_single_flight_and_reports_each() 
         ask(&c, a, "account=outlook&proto=api", None).await.status,
         200
     );
-    assert!(idp.requests()[2].scope().unwrap_or_default().contains("graph.microsoft.com"));
+    assert!(idp.requests()[2]
+        .scope()
+        .unwrap_or_default()
+        .contains("graph.microsoft.com"));
     let body = post(&c, a, "/v1/accounts/outlook/refresh", ops)
         .await
         .json();
     assert_eq!(body["refreshed"], 2);
     assert_eq!(idp.calls(), 5);
     let scopes: HashSet<bool> = (3..5)
-        .map(|n| idp.requests()[n].scope().unwrap_or_default().contains("graph"))
+        .map(|n| {
+            idp.requests()[n]
+                .scope()
+                .unwrap_or_default()
+                .contains("graph")
+        })
         .collect();
     assert_eq!(scopes.len(), 2, "one IMAP and one Graph refresh");
 

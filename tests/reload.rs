@@ -409,7 +409,11 @@ async fn an_invalid_config_keeps_the_old_map_and_is_reported_once() {
         .await,
         "the error is cleared when the file is valid again"
     );
-    assert_eq!(metric(&c, sc.local_addr, RELOADS_OK).await, 1.0, "no swap happened");
+    assert_eq!(
+        metric(&c, sc.local_addr, RELOADS_OK).await,
+        1.0,
+        "no swap happened"
+    );
 
     // And a valid change after all that is applied.
     let mut fixed = good_accounts.clone();

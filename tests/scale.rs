@@ -18,7 +18,6 @@ use http::{HeaderMap, Method, Uri};
 /// refresh states over a few real seconds: they take turns rather than share the CPU.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_cold_accounts_make_exactly_ten_thousand_calls() {
     let _turn = ONE_AT_A_TIME.lock().await;

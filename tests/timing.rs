@@ -8,11 +8,15 @@
 //! each call's virtual instant, and a token's life counts from the sidecar's send,
 //! which is the same instant.
 //!
-//! The rules are written out here from the policy's definition (README, "Refresh
-//! timing"), not taken from the library: margin = max(--refresh-margin, 1/5 of the
+//! The rules are written out here as the README states them ("What it is", "Provider
+//! outages"), not taken from the library: margin = max(--refresh-margin, 1/5 of the
 //! lifetime), at most half of it; the refresh falls in [lifetime - 1.5 margin,
 //! lifetime - margin]. Back-off after failure k: min(base × 2^(k-1), max) × [½, 1],
 //! never under the provider's Retry-After, which counts for at most 2 minutes.
+//!
+//! What virtual time cannot stand in for: the wall clock (an HTTP-date `Retry-After` is
+//! read against `SystemTime`, which does not pause; only the delta-seconds form is
+//! specified here), and the real binary (signals, CLI), which runs on its own clock.
 
 mod common;
 
@@ -25,7 +29,6 @@ use tokio::time::{sleep_until, Instant};
 
 /// tokio's timers fire on whole milliseconds: a deadline is met at most this late.
 const TICK: Duration = Duration::from_millis(1);
-
 
 /// Options for a sidecar on the paused clock: pre-warm (or not) and the default policy.
 fn options(cfg: &Path, prewarm: usize) -> Options {
@@ -72,7 +75,13 @@ fn refresh_window(lifetime: Duration, margin_floor: Duration) -> (Duration, Dura
 /// A token request on a connection of its own (a pooled one may have been closed by the
 /// sidecar's idle timeout while virtual hours passed), and when it was answered.
 async fn ask_at(addr: std::net::SocketAddr, account: &str) -> (Answer, Instant) {
-    let r = ask(&client(), addr, &format!("account={account}&proto=imap"), None).await;
+    let r = ask(
+        &client(),
+        addr,
+        &format!("account={account}&proto=imap"),
+        None,
+    )
+    .await;
     (r, Instant::now())
 }
 
@@ -82,7 +91,11 @@ async fn hit(sc: &Running, idp: &MockIdp, account: &str) -> Recorded {
     let (r, answered) = ask_at(sc.local_addr, account).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(answered, asked, "{account}: held {:?}", answered - asked);
-    assert_eq!(idp.calls(), calls, "{account}: a hit makes no upstream call");
+    assert_eq!(
+        idp.calls(),
+        calls,
+        "{account}: a hit makes no upstream call"
+    );
     idp.request_for(r.token()).expect("a token the mock issued")
 }
 
@@ -110,7 +123,11 @@ async fn a_token_is_refreshed_in_the_background_inside_its_refresh_window() {
 
         // Until the window opens, nothing is refreshed, and requests are served from memory.
         sleep_until(t0 + lo - TICK).await;
-        assert_eq!(idp.calls(), N as u64, "{lifetime:?}: refreshed before {lo:?}");
+        assert_eq!(
+            idp.calls(),
+            N as u64,
+            "{lifetime:?}: refreshed before {lo:?}"
+        );
         assert_eq!(hit(&sc, &idp, "a0").await.at, t0, "the first token");
 
         // By its end every token has been refreshed once, none outside it.
@@ -192,9 +209,7 @@ fn check_backoff(
         .enumerate()
         .map(|(k, w)| {
             let gap = w[1] - w[0];
-            let raw = policy_base
-                .saturating_mul(1 << k.min(30))
-                .min(policy_max);
+            let raw = policy_base.saturating_mul(1 << k.min(30)).min(policy_max);
             let (lo, hi) = ((raw / 2).max(floor), raw.max(floor));
             assert!(
                 gap >= lo && gap < hi + TICK,
@@ -365,11 +380,18 @@ async fn a_lookup_rides_a_retry_after_beyond_the_request_wait_to_the_next_attemp
     assert_eq!(first.sent, asked);
     assert!(first.answered - asked >= wait && first.answered - asked < wait + TICK);
     assert_eq!(second.status, Some(200));
-    assert!(second.answered - times[1] < TICK, "answered with the attempt");
+    assert!(
+        second.answered - times[1] < TICK,
+        "answered with the attempt"
+    );
     assert_eq!(
-        idp.request_for(lookup.body.as_ref().unwrap()["accessToken"].as_str().unwrap())
-            .unwrap()
-            .at,
+        idp.request_for(
+            lookup.body.as_ref().unwrap()["accessToken"]
+                .as_str()
+                .unwrap()
+        )
+        .unwrap()
+        .at,
         times[1]
     );
     sc.shutdown().await;

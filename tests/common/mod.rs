@@ -779,9 +779,11 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
 
 /// Holds tokio's paused clock still while it lives. Under `start_paused` the clock jumps
 /// to the next timer whenever no task can run, including while the runtime waits for a
-/// thread outside it (the sidecar loads its config on a thread of its own): a running
-/// `spawn_blocking` task inhibits that (tokio's documented remedy), so such waits take
-/// no virtual time. Await only I/O while frozen: a timer would never fire.
+/// thread outside it: the sidecar loads its config (`start`, reloads) and renders the
+/// admin list (`GET /v1/accounts`) on threads of their own, and without this the next
+/// timer (a client's request timeout, a refresh) fires during that wait. A running
+/// `spawn_blocking` task inhibits the jump (tokio's documented remedy), so such waits
+/// take no virtual time. Await only I/O while frozen: a timer would never fire.
 pub struct Frozen(Option<std::sync::mpsc::Sender<()>>);
 
 /// See [`Frozen`].
