@@ -668,7 +668,7 @@ async fn an_aging_token_is_served_while_its_refresh_stalls() {
     let exp = idp.with(|s| s.issued[first.token()]);
     idp.set_fault(Fault::Stall);
     // 2 s tokens: refreshed 0.5–1 s after issue (now stalled), aging from 1.5 s on.
-    tokio::time::sleep_until((exp - Duration::from_millis(400)).into()).await;
+    tokio::time::sleep_until(exp - Duration::from_millis(400)).await;
     let t = Instant::now();
     let r = ask(&c, sc.local_addr, "account=a&proto=imap", None).await;
     assert_eq!(

@@ -222,18 +222,54 @@ fn check_backoff(
         .collect()
 }
 
+/// `n` pre-warmed accounts whose provider answers every call with `fault`.
+struct Failing {
+    idp: MockIdp,
+    sc: Running,
+    /// The policy's back-off base and cap, and its retry after a permanent failure.
+    base: Duration,
+    max: Duration,
+    permanent_retry: Duration,
+    /// When the first attempts (pre-warm, all at once) were made.
+    t0: Instant,
+    _dir: tempfile::TempDir,
+}
+
+async fn failing(fault: Fault, n: usize) -> Failing {
+    let idp = MockIdp::start().await;
+    idp.set_fault(fault);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &oauth2_accounts(&idp, n));
+    let o = options(&cfg, n);
+    let (base, max, permanent_retry) = (
+        o.policy.backoff_base,
+        o.policy.backoff_max,
+        o.policy.permanent_retry,
+    );
+    let sc = start_frozen(o).await;
+    calls_reach(&idp, n as u64).await;
+    let t0 = idp.call_times()[0];
+    Failing {
+        idp,
+        sc,
+        base,
+        max,
+        permanent_retry,
+        t0,
+        _dir: dir,
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn after_transient_failures_attempts_follow_the_back_off_schedule() {
-    const N: usize = 20;
-    let idp = MockIdp::start().await;
-    idp.set_fault(Fault::status(503, None));
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), &oauth2_accounts(&idp, N));
-    let o = options(&cfg, N);
-    let (base, max) = (o.policy.backoff_base, o.policy.backoff_max);
-    let sc = start_frozen(o).await;
-    calls_reach(&idp, N as u64).await;
-    let t0 = idp.call_times()[0];
+    let Failing {
+        idp,
+        sc,
+        base,
+        max,
+        t0,
+        ..
+    } = failing(Fault::status(503, None), 20).await;
 
     // Gaps of 1, 2, 4, ..., 32, 60, 60 s at the longest: nine attempts within 184 s.
     sleep_until(t0 + Duration::from_secs(184)).await;
@@ -265,15 +301,13 @@ async fn after_transient_failures_attempts_follow_the_back_off_schedule() {
 
 #[tokio::test(start_paused = true)]
 async fn a_permanent_failure_is_retried_after_the_permanent_retry_interval() {
-    let idp = MockIdp::start().await;
-    idp.set_fault(Fault::invalid_grant(None));
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), &oauth2_accounts(&idp, 1));
-    let o = options(&cfg, 1);
-    let retry = o.policy.permanent_retry;
-    let sc = start_frozen(o).await;
-    calls_reach(&idp, 1).await;
-    let t0 = idp.call_times()[0];
+    let Failing {
+        idp,
+        sc,
+        permanent_retry: retry,
+        t0,
+        ..
+    } = failing(Fault::invalid_grant(None), 1).await;
     sleep_until(t0 + 2 * retry + TICK).await;
     let times = idp.call_times();
     assert_eq!(times.len(), 3, "{times:?}");
@@ -289,16 +323,14 @@ async fn a_provider_retry_after_is_honoured_and_counts_for_two_minutes_at_most()
     // 90 s: longer than any back-off step (60 s at most), so every gap is 90 s; 5 s:
     // governs the first steps, the back-off the later ones; a day: 2 minutes.
     for (status, retry_after, span) in [(429, 90, 600), (503, 5, 200), (429, 86_400, 600)] {
-        const N: usize = 10;
-        let idp = MockIdp::start().await;
-        idp.set_fault(Fault::status(status, Some(retry_after)));
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = write_config(dir.path(), &oauth2_accounts(&idp, N));
-        let o = options(&cfg, N);
-        let (base, max) = (o.policy.backoff_base, o.policy.backoff_max);
-        let sc = start_frozen(o).await;
-        calls_reach(&idp, N as u64).await;
-        let t0 = idp.call_times()[0];
+        let Failing {
+            idp,
+            sc,
+            base,
+            max,
+            t0,
+            ..
+        } = failing(Fault::status(status, Some(retry_after)), 10).await;
         sleep_until(t0 + Duration::from_secs(span)).await;
         let ra = Duration::from_secs(retry_after);
         for (account, times) in calls_by_account(&idp) {
