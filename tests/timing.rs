@@ -262,21 +262,16 @@ async fn failing(fault: Fault, n: usize) -> Failing {
 
 #[tokio::test(start_paused = true)]
 async fn after_transient_failures_attempts_follow_the_back_off_schedule() {
-    let Failing {
-        idp,
-        sc,
-        base,
-        max,
-        t0,
-        ..
-    } = failing(Fault::status(503, None), 20).await;
+    // `f` keeps the config's directory for the whole test (`..` would drop it here).
+    let f = failing(Fault::status(503, None), 20).await;
+    let (idp, sc, t0) = (f.idp, f.sc, f.t0);
 
     // Gaps of 1, 2, 4, ..., 32, 60, 60 s at the longest: nine attempts within 184 s.
     sleep_until(t0 + Duration::from_secs(184)).await;
     let mut places = Vec::new();
     for (account, times) in calls_by_account(&idp) {
         assert!(times.len() >= 9, "{account}: {} attempts", times.len());
-        places.extend(check_backoff(&account, &times, base, max, None));
+        places.extend(check_backoff(&account, &times, f.base, f.max, None));
     }
     // The jitter is real: each key lands somewhere else in its range (20 keys, 8 gaps
     // each or more; all in one half of the range would be one chance in 2^159).
@@ -287,7 +282,7 @@ async fn after_transient_failures_attempts_follow_the_back_off_schedule() {
     // from then on its token is refreshed ahead of expiry, not retried.
     idp.set_fault(Fault::None);
     let healed = Instant::now();
-    sleep_until(healed + max + TICK).await;
+    sleep_until(healed + f.max + TICK).await;
     let calls_after = idp.calls();
     assert!(hit(&sc, &idp, "a0").await.at >= healed);
     sleep_until(Instant::now() + Duration::from_secs(2000)).await;
@@ -301,13 +296,10 @@ async fn after_transient_failures_attempts_follow_the_back_off_schedule() {
 
 #[tokio::test(start_paused = true)]
 async fn a_permanent_failure_is_retried_after_the_permanent_retry_interval() {
-    let Failing {
-        idp,
-        sc,
-        permanent_retry: retry,
-        t0,
-        ..
-    } = failing(Fault::invalid_grant(None), 1).await;
+    // `f` keeps the config's directory for the whole test (`..` would drop it here).
+    let f = failing(Fault::invalid_grant(None), 1).await;
+    let (idp, sc, t0) = (f.idp, f.sc, f.t0);
+    let retry = f.permanent_retry;
     sleep_until(t0 + 2 * retry + TICK).await;
     let times = idp.call_times();
     assert_eq!(times.len(), 3, "{times:?}");
@@ -323,14 +315,9 @@ async fn a_provider_retry_after_is_honoured_and_counts_for_two_minutes_at_most()
     // 90 s: longer than any back-off step (60 s at most), so every gap is 90 s; 5 s:
     // governs the first steps, the back-off the later ones; a day: 2 minutes.
     for (status, retry_after, span) in [(429, 90, 600), (503, 5, 200), (429, 86_400, 600)] {
-        let Failing {
-            idp,
-            sc,
-            base,
-            max,
-            t0,
-            ..
-        } = failing(Fault::status(status, Some(retry_after)), 10).await;
+        // `f` keeps the config's directory for the whole test (`..` would drop it here).
+        let f = failing(Fault::status(status, Some(retry_after)), 10).await;
+        let (idp, sc, t0) = (f.idp, f.sc, f.t0);
         sleep_until(t0 + Duration::from_secs(span)).await;
         let ra = Duration::from_secs(retry_after);
         for (account, times) in calls_by_account(&idp) {
@@ -338,8 +325,8 @@ async fn a_provider_retry_after_is_honoured_and_counts_for_two_minutes_at_most()
             check_backoff(
                 &format!("{status} Retry-After {retry_after}: {account}"),
                 &times,
-                base,
-                max,
+                f.base,
+                f.max,
                 Some(ra),
             );
         }
