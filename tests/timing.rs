@@ -232,6 +232,8 @@ struct Failing {
     permanent_retry: Duration,
     /// When the first attempts (pre-warm, all at once) were made.
     t0: Instant,
+    /// The config's directory: bind the whole value (`let f = failing(..)`) so it lives
+    /// as long as the test; a `..` pattern would drop it at once (and the watcher see it go).
     _dir: tempfile::TempDir,
 }
 
@@ -262,7 +264,6 @@ async fn failing(fault: Fault, n: usize) -> Failing {
 
 #[tokio::test(start_paused = true)]
 async fn after_transient_failures_attempts_follow_the_back_off_schedule() {
-    // `f` keeps the config's directory for the whole test (`..` would drop it here).
     let f = failing(Fault::status(503, None), 20).await;
     let (idp, sc, t0) = (f.idp, f.sc, f.t0);
 
@@ -296,7 +297,6 @@ async fn after_transient_failures_attempts_follow_the_back_off_schedule() {
 
 #[tokio::test(start_paused = true)]
 async fn a_permanent_failure_is_retried_after_the_permanent_retry_interval() {
-    // `f` keeps the config's directory for the whole test (`..` would drop it here).
     let f = failing(Fault::invalid_grant(None), 1).await;
     let (idp, sc, t0) = (f.idp, f.sc, f.t0);
     let retry = f.permanent_retry;
@@ -315,7 +315,6 @@ async fn a_provider_retry_after_is_honoured_and_counts_for_two_minutes_at_most()
     // 90 s: longer than any back-off step (60 s at most), so every gap is 90 s; 5 s:
     // governs the first steps, the back-off the later ones; a day: 2 minutes.
     for (status, retry_after, span) in [(429, 90, 600), (503, 5, 200), (429, 86_400, 600)] {
-        // `f` keeps the config's directory for the whole test (`..` would drop it here).
         let f = failing(Fault::status(status, Some(retry_after)), 10).await;
         let (idp, sc, t0) = (f.idp, f.sc, f.t0);
         sleep_until(t0 + Duration::from_secs(span)).await;
