@@ -137,25 +137,28 @@ async fn run(args: &[String], env: &[(&str, String)]) -> Output {
     .unwrap()
 }
 
+/// Runs the `token` command in-process, on the caller's runtime and clock, with exactly
+/// this command line; returns its exit code.
+async fn token_in_process(argv: &[String]) -> i32 {
+    use clap::Parser;
+    let cli = ee_auth_sidecar::cli::Cli::try_parse_from(
+        std::iter::once("ee-auth-sidecar").chain(argv.iter().map(String::as_str)),
+    )
+    .expect("a valid command line");
+    match cli.command {
+        Some(ee_auth_sidecar::cli::Command::Token(args)) => {
+            ee_auth_sidecar::cli::token(&args).await
+        }
+        other => panic!("not a token command: {other:?}"),
+    }
+}
+
 fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
 fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).into_owned()
-}
-
-async fn wait_ready(c: &reqwest::Client, addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = c.get(format!("http://{addr}/readyz")).send().await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -354,7 +357,10 @@ async fn sigterm_during_a_burst_loses_no_request_flushes_state_and_exits_zero() 
     );
     let a = sc.addr().await;
     let c = client();
-    wait_ready(&c, a).await;
+    assert!(
+        wait_ready(&c, a, Duration::from_secs(20)).await,
+        "never ready"
+    );
     assert_eq!(ask(&c, a, "account=hot&proto=imap", None).await.status, 200);
 
     // The burst: keep-alive connections asking for a cached token back to back...
@@ -690,7 +696,10 @@ async fn full_run_leaks_no_secret(mode: LogMode) {
     let mut sc = Proc::spawn(&logs, &argv, &env);
     let a = sc.addr().await;
     let c = client();
-    wait_ready(&c, a).await;
+    assert!(
+        wait_ready(&c, a, Duration::from_secs(20)).await,
+        "never ready"
+    );
     let mut seen = Seen::default();
     let mut answers = Vec::new();
     let url = |q: &str| format!("http://{a}/authentication?{q}");
@@ -1529,9 +1538,19 @@ async fn token_endpoint_trouble_is_logged_with_its_host_once_and_without_the_tok
             "accounts": { "r": account("redirecting"), "l1": account("long"), "l2": account("long"), "b": account("bad") }
         }),
     );
+    // What is logged is the point here, not how long a request is held through the
+    // retries (tests/timing.rs, tests/outage.rs): a short --request-wait answers the 429s
+    // within a second instead of the default 20 s.
     let mut sc = Proc::spawn(
         dir.path(),
-        &args(&["--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0"]),
+        &args(&[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--request-wait",
+            "1s",
+        ]),
         &[],
     );
     let a = sc.addr().await;
@@ -1868,7 +1887,11 @@ async fn every_out_of_range_duration_or_count_flag_is_refused_at_start_with_exit
 /// provider and exit at once: the rotated refresh token in that late answer was never
 /// written, the one in the state directory was spent, and the account was lost. It now
 /// starts nothing more and waits for what it sent before it lets the directory go.
-#[tokio::test]
+///
+/// The command runs in-process (`cli::token`, which is all main.rs calls for it) on
+/// tokio's paused clock: its 60 s wait, the 58 s Retry-After and the 6 s answer are
+/// virtual, so the test takes no minute of wall time.
+#[tokio::test(start_paused = true)]
 async fn token_waits_for_a_refresh_still_under_way_when_its_request_gives_up() {
     let idp = MockIdp::start().await;
     idp.with(|s| {
@@ -1905,21 +1928,19 @@ async fn token_waits_for_a_refresh_still_under_way_when_its_request_gives_up() {
         "--state-dir",
         state.to_str().unwrap(),
     ]);
-    let out = run(&token, &[]).await;
+    token_in_process(&token).await;
     slow_retry.await.unwrap();
-    assert_eq!(idp.calls(), 2, "{}", text(&out.stderr));
+    assert_eq!(idp.calls(), 2);
     // The mock rotates when its answer is delivered; a real provider rotates whether or
     // not the client still waits. Either way the command must have waited for it.
     assert_eq!(
         idp.with(|s| s.spent.len()),
         1,
-        "the command exited before the refresh it sent was answered: {}",
-        text(&out.stderr)
+        "the command exited before the refresh it sent was answered"
     );
     // The rotation of that late answer was kept: the next run spends it, not rt-a.
     idp.with(|s| s.delay = Duration::ZERO);
-    let out = run(&token, &[]).await;
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(token_in_process(&token).await, 0, "the next run succeeds");
     assert_eq!(
         idp.with(|s| s.reuse_detected),
         0,

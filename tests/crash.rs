@@ -52,14 +52,6 @@ fn config_token(i: usize) -> String {
     format!("cfg-rt-{i}")
 }
 
-fn sha256_hex(s: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// A running sidecar binary and the address it announced.
 struct Sidecar {
     child: Child,
@@ -228,19 +220,6 @@ fn accounts_config(dir: &Path, idp: &MockIdp, n: usize) -> PathBuf {
     )
 }
 
-async fn wait_ready(c: &reqwest::Client, addr: SocketAddr) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Ok(r) = c.get(format!("http://{addr}/readyz")).send().await {
-            if r.status() == 200 {
-                return true;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
-}
-
 #[derive(Default, Debug)]
 struct Outcome {
     kills: usize,
@@ -297,7 +276,7 @@ async fn crash_cycles(kills: usize) -> Outcome {
             tokio::time::sleep(Duration::from_millis(rng.u64(0..150))).await;
             sc.kill();
         } else {
-            if !wait_ready(&c, sc.addr).await {
+            if !wait_ready(&c, sc.addr, Duration::from_secs(20)).await {
                 out.problems.push(format!("cycle {cycle}: never ready"));
             }
             // After each restart every account must still refresh successfully: pre-warm
@@ -534,7 +513,10 @@ async fn sigterm_at_random_moments_under_refresh_traffic_loses_no_account() {
             // During start-up and pre-warm: every account refreshing at once.
             tokio::time::sleep(Duration::from_millis(rng.u64(0..400))).await;
         } else {
-            assert!(wait_ready(&c, sc.addr).await, "round {round}: never ready");
+            assert!(
+                wait_ready(&c, sc.addr, Duration::from_secs(20)).await,
+                "round {round}: never ready"
+            );
             // Pre-warm spent every persisted token: an account lost by the previous stop
             // answers 403 invalid_grant here.
             for (acct, why) in accounts_failing(&c, sc.addr, &idp, TERM_ACCOUNTS).await {

@@ -14,14 +14,6 @@ use common::*;
 use ee_auth_sidecar::config::AccountKind;
 use serde_json::{json, Value};
 
-fn sha256_hex(s: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// The refresh token persisted for `account`, if any.
 fn persisted(state: &Path, account: &str) -> Option<String> {
     let path = state
@@ -78,11 +70,6 @@ async fn force_refresh(c: &reqwest::Client, addr: SocketAddr, id: &str) -> u16 {
         .unwrap()
         .status()
         .as_u16()
-}
-
-/// The value of an unlabelled sample in `/metrics`.
-async fn metric(c: &reqwest::Client, addr: SocketAddr, name: &str) -> Option<f64> {
-    sample(&scrape(c, addr).await, name)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -310,7 +297,7 @@ async fn a_rotated_token_that_cannot_be_written_is_kept_used_reported_and_writte
     );
     assert_eq!(persisted(&state, "a"), Some(live_token(&idp)));
     assert_eq!(
-        metric(&c, addr, "ee_auth_state_unpersisted_accounts").await,
+        scraped(&c, addr, "ee_auth_state_unpersisted_accounts").await,
         Some(0.0)
     );
 
@@ -331,7 +318,7 @@ async fn a_rotated_token_that_cannot_be_written_is_kept_used_reported_and_writte
     );
     assert_eq!(v["persist"]["state"], "memory_only", "{v}");
     assert_eq!(
-        metric(&c, addr, "ee_auth_state_unpersisted_accounts").await,
+        scraped(&c, addr, "ee_auth_state_unpersisted_accounts").await,
         Some(1.0)
     );
     let listed: Value = c
@@ -371,7 +358,7 @@ async fn a_rotated_token_that_cannot_be_written_is_kept_used_reported_and_writte
     }
     assert_eq!(persisted(&state, "a"), Some(live_token(&idp)));
     assert_eq!(
-        metric(&c, addr, "ee_auth_state_unpersisted_accounts").await,
+        scraped(&c, addr, "ee_auth_state_unpersisted_accounts").await,
         Some(0.0)
     );
 

@@ -28,7 +28,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use common::*;
 use serde_json::json;
@@ -221,15 +223,12 @@ fn max_attempts(window: Duration, cost: Duration, retry_after: Option<Duration>)
     n + 1
 }
 
-fn metric(text: &str, series: &str) -> f64 {
-    sample(text, series).unwrap_or(0.0)
-}
-
 fn failed_attempts(sc: &Running) -> u64 {
-    metric(
+    sample(
         &sc.sidecar.render_metrics(),
         r#"ee_auth_refreshes_total{provider="idp",outcome="transient"}"#,
-    ) as u64
+    )
+    .unwrap_or(0.0) as u64
 }
 
 async fn load(
@@ -669,7 +668,7 @@ async fn an_aging_token_is_served_while_its_refresh_stalls() {
     let exp = idp.with(|s| s.issued[first.token()]);
     idp.set_fault(Fault::Stall);
     // 2 s tokens: refreshed 0.5–1 s after issue (now stalled), aging from 1.5 s on.
-    tokio::time::sleep_until((exp - Duration::from_millis(400)).into()).await;
+    tokio::time::sleep_until(exp - Duration::from_millis(400)).await;
     let t = Instant::now();
     let r = ask(&c, sc.local_addr, "account=a&proto=imap", None).await;
     assert_eq!(

@@ -323,17 +323,6 @@ fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn soft_fd_limit() -> u64 {
     std::fs::read_to_string("/proc/self/limits")
         .ok()

@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
@@ -62,28 +62,6 @@ async fn post(
     send(c, reqwest::Method::POST, addr, path, basic).await
 }
 
-async fn scrape(c: &reqwest::Client, addr: SocketAddr) -> String {
-    let r = get(c, addr, "/metrics", None).await;
-    assert_eq!(r.status, 200);
-    assert!(
-        r.headers["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/plain"),
-        "Prometheus text format"
-    );
-    r.text
-}
-
-/// The value of one exact series, e.g. `ee_auth_cache_events_total{event="hit"}`.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)
-            .and_then(|rest| rest.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
-    })
-}
-
 fn value(text: &str, series: &str) -> f64 {
     sample(text, series).unwrap_or_else(|| panic!("no series {series} in\n{text}"))
 }
@@ -112,13 +90,6 @@ fn refreshes(text: &str, provider: &str, outcome: &str) -> f64 {
 
 fn accounts_in(text: &str, state: &str) -> f64 {
     value(text, &format!(r#"ee_auth_accounts{{state="{state}"}}"#))
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
 }
 
 /// Every issued access token and every refresh token the mock knows of.
@@ -561,15 +532,6 @@ async fn admin_endpoints_need_credentials_and_show_state_but_never_a_token() {
     sc.shutdown().await;
 }
 
-/// The scope string of the n-th upstream request.
-fn scope_of(idp: &MockIdp, n: usize) -> String {
-    idp.requests()[n]
-        .form
-        .get("scope")
-        .cloned()
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn forced_refresh_renews_the_sets_in_use_single_flight_and_reports_each() {
     let idp = MockIdp::start().await;
@@ -594,7 +556,10 @@ async fn forced_refresh_renews_the_sets_in_use_single_flight_and_reports_each() 
 
     let first = ask(&c, a, "account=outlook&proto=imap", None).await;
     assert_eq!(first.status, 200);
-    assert!(scope_of(&idp, 0).contains("IMAP.AccessAsUser.All"));
+    assert!(idp.requests()[0]
+        .scope()
+        .unwrap_or_default()
+        .contains("IMAP.AccessAsUser.All"));
 
     // Only IMAP is in use: the refresh renews that set and leaves Graph alone.
     let r = post(&c, a, "/v1/accounts/outlook/refresh", ops).await;
@@ -607,7 +572,10 @@ async fn forced_refresh_renews_the_sets_in_use_single_flight_and_reports_each() 
     assert_eq!(body["credentialSets"][0]["refreshed"], true);
     assert_eq!(body["credentialSets"][0]["state"], "ok");
     assert_eq!(idp.calls(), 2);
-    assert!(scope_of(&idp, 1).contains("IMAP.AccessAsUser.All"));
+    assert!(idp.requests()[1]
+        .scope()
+        .unwrap_or_default()
+        .contains("IMAP.AccessAsUser.All"));
     let second = ask(&c, a, "account=outlook&proto=imap", None).await;
     assert_ne!(
         second.token(),
@@ -621,14 +589,22 @@ async fn forced_refresh_renews_the_sets_in_use_single_flight_and_reports_each() 
         ask(&c, a, "account=outlook&proto=api", None).await.status,
         200
     );
-    assert!(scope_of(&idp, 2).contains("graph.microsoft.com"));
+    assert!(idp.requests()[2]
+        .scope()
+        .unwrap_or_default()
+        .contains("graph.microsoft.com"));
     let body = post(&c, a, "/v1/accounts/outlook/refresh", ops)
         .await
         .json();
     assert_eq!(body["refreshed"], 2);
     assert_eq!(idp.calls(), 5);
     let scopes: HashSet<bool> = (3..5)
-        .map(|n| scope_of(&idp, n).contains("graph"))
+        .map(|n| {
+            idp.requests()[n]
+                .scope()
+                .unwrap_or_default()
+                .contains("graph")
+        })
         .collect();
     assert_eq!(scopes.len(), 2, "one IMAP and one Graph refresh");
 

@@ -12,7 +12,7 @@ mod common;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
@@ -149,14 +149,6 @@ fn ms_provider(idp: &MockIdp, tenant: &str, extra: Value) -> Value {
     p
 }
 
-fn scope_of(idp: &MockIdp, token: &str) -> Option<String> {
-    idp.request_for(token)
-        .unwrap_or_else(|| panic!("token {token} was not issued by the mock"))
-        .form
-        .get("scope")
-        .cloned()
-}
-
 /// The one persisted refresh-token record of a state directory.
 fn persisted_refresh_token(state: &Path) -> String {
     let files: Vec<_> = std::fs::read_dir(state.join("refresh-tokens"))
@@ -220,11 +212,11 @@ async fn outlook_imap_and_api_get_two_tokens_from_one_rotating_refresh_token() {
     idp.check_valid(imap.token()).unwrap();
     idp.check_valid(api.token()).unwrap();
     assert_eq!(
-        scope_of(&idp, imap.token()).as_deref(),
+        idp.issued_request(imap.token()).scope(),
         Some(OUTLOOK_DEFAULT)
     );
     assert_eq!(
-        scope_of(&idp, api.token()).as_deref(),
+        idp.issued_request(api.token()).scope(),
         Some(GRAPH_SCOPES.join(" ").as_str())
     );
     assert_eq!(idp.violations(), Vec::<String>::new());
@@ -648,10 +640,10 @@ async fn google_refresh_sends_the_client_in_the_form_and_keeps_the_refresh_token
     idp.check_valid(imap.token()).unwrap();
     // Without configured scopes no `scope` is sent: Google returns what the user granted
     // (the default, https://mail.google.com/, covers IMAP and SMTP).
-    assert_eq!(scope_of(&idp, imap.token()), None);
+    assert_eq!(idp.issued_request(imap.token()).scope(), None);
     let api = ask(&c, a, "account=gmail&proto=api", None).await;
     assert_eq!(api.status, 200, "{}", api.body);
-    assert_eq!(scope_of(&idp, api.token()).as_deref(), Some(modify));
+    assert_eq!(idp.issued_request(api.token()).scope(), Some(modify));
     let st = status_of(&sc, "gmail");
     assert!(
         st.iter()
@@ -747,7 +739,7 @@ fn the_wire_checks_refuse_what_a_real_provider_would() {
             .collect(),
         authorization: auth.map(str::to_owned),
         content_type: Some(FORM.into()),
-        at: std::time::Instant::now(),
+        at: tokio::time::Instant::now(),
     };
     let ms = microsoft_validator();
     let ms_ok = [
@@ -861,13 +853,6 @@ fn verify_assertion(jwt: &str, public_pkcs1_der: &[u8]) -> Result<Value, String>
     b64_json(claims)
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
 /// Google's token endpoint for the JWT bearer grant, with the scope each mailbox is
 /// expected to ask for.
 fn service_account_validator(
@@ -901,7 +886,7 @@ fn service_account_validator(
         if exp != iat + 3600 {
             return Err(format!("exp {exp} != iat {iat} + 3600"));
         }
-        if (iat - unix_now()).abs() > 60 {
+        if (iat as f64 - unix_now()).abs() > 60.0 {
             return Err(format!("iat {iat} is not now"));
         }
         Ok(())

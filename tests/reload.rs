@@ -11,7 +11,9 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use common::*;
 use serde_json::{json, Value};
@@ -90,11 +92,6 @@ fn oauth(user: &str, rt: &str) -> Value {
 /// A Kubernetes-style ConfigMap volume holding `accounts.json`.
 fn kube_config(root: &Path, content: Vec<u8>) -> KubeVolume {
     KubeVolume::new(&root.join("config"), &[("accounts.json", content)])
-}
-
-/// The value of one sample line of `/metrics` (`name{labels}`), 0 when absent.
-async fn metric(c: &reqwest::Client, sc: &Running, series: &str) -> f64 {
-    sample(&scrape(c, sc.local_addr).await, series).unwrap_or(0.0)
 }
 
 const RELOADS_OK: &str = r#"ee_auth_config_reloads_total{outcome="ok"}"#;
@@ -179,9 +176,9 @@ async fn a_kubelet_swap_is_served_within_two_seconds_every_time() {
             200
         );
     }
-    assert_eq!(metric(&c, &sc, RELOADS_FAILED).await, 0.0);
+    assert_eq!(metric(&c, sc.local_addr, RELOADS_FAILED).await, 0.0);
     // Start-up counts as one successful load, each swap as one more.
-    assert_eq!(metric(&c, &sc, RELOADS_OK).await, 5.0);
+    assert_eq!(metric(&c, sc.local_addr, RELOADS_OK).await, 5.0);
     sc.shutdown().await;
 }
 
@@ -395,7 +392,7 @@ async fn an_invalid_config_keeps_the_old_map_and_is_reported_once() {
         // Counted once, however often the same broken file is looked at again.
         tokio::time::sleep(Duration::from_millis(800)).await;
         assert_eq!(
-            metric(&c, &sc, RELOADS_FAILED).await,
+            metric(&c, sc.local_addr, RELOADS_FAILED).await,
             (n + 1) as f64,
             "{what}: one failed reload"
         );
@@ -412,7 +409,11 @@ async fn an_invalid_config_keeps_the_old_map_and_is_reported_once() {
         .await,
         "the error is cleared when the file is valid again"
     );
-    assert_eq!(metric(&c, &sc, RELOADS_OK).await, 1.0, "no swap happened");
+    assert_eq!(
+        metric(&c, sc.local_addr, RELOADS_OK).await,
+        1.0,
+        "no swap happened"
+    );
 
     // And a valid change after all that is applied.
     let mut fixed = good_accounts.clone();
@@ -423,7 +424,7 @@ async fn an_invalid_config_keeps_the_old_map_and_is_reported_once() {
         ask(&c, sc.local_addr, "account=b", None).await.body["pass"],
         "b-pass-2"
     );
-    assert_eq!(metric(&c, &sc, RELOADS_OK).await, 2.0);
+    assert_eq!(metric(&c, sc.local_addr, RELOADS_OK).await, 2.0);
     sc.shutdown().await;
 }
 
@@ -520,9 +521,9 @@ async fn a_hundred_rapid_updates_end_on_the_last_one() {
         ask(&c, sc.local_addr, "account=only100", None).await.status,
         200
     );
-    assert_eq!(metric(&c, &sc, RELOADS_FAILED).await, 0.0);
+    assert_eq!(metric(&c, sc.local_addr, RELOADS_FAILED).await, 0.0);
     // Debounced: a burst is a handful of reloads, not one per update.
-    let reloads = metric(&c, &sc, RELOADS_OK).await - 1.0;
+    let reloads = metric(&c, sc.local_addr, RELOADS_OK).await - 1.0;
     assert!(
         (1.0..=10.0).contains(&reloads),
         "{reloads} reloads for one burst of 100 updates"
@@ -669,8 +670,8 @@ async fn an_unchanged_account_keeps_its_token_through_reloads_under_load() {
         1,
         "the unchanged account caused no upstream call"
     );
-    assert_eq!(metric(&c, &sc, RELOADS_OK).await, 6.0);
-    assert_eq!(metric(&c, &sc, RELOADS_FAILED).await, 0.0);
+    assert_eq!(metric(&c, sc.local_addr, RELOADS_OK).await, 6.0);
+    assert_eq!(metric(&c, sc.local_addr, RELOADS_FAILED).await, 0.0);
     sc.shutdown().await;
 }
 
@@ -1019,7 +1020,7 @@ async fn a_rotated_secret_file_triggers_a_reload() {
         );
         previous = r.token().to_owned();
     }
-    assert_eq!(metric(&c, &sc, RELOADS_OK).await, 3.0);
+    assert_eq!(metric(&c, sc.local_addr, RELOADS_OK).await, 3.0);
     sc.shutdown().await;
 }
 

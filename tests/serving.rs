@@ -224,11 +224,6 @@ async fn a_thousand_concurrent_cold_requests_make_one_upstream_call() {
     sc.shutdown().await;
 }
 
-/// Reads one sample of /metrics, e.g. `ee_auth_requests_total{proto="imap",outcome="miss"}`.
-async fn metric(c: &reqwest::Client, addr: std::net::SocketAddr, series: &str) -> f64 {
-    sample(&scrape(c, addr).await, series).unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn short_tokens_are_refreshed_ahead_and_no_request_waits() {
     let idp = MockIdp::start().await;

@@ -13,7 +13,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use common::*;
 use serde_json::json;
@@ -23,17 +25,6 @@ fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 #[derive(Default)]
@@ -107,16 +98,10 @@ async fn soak() {
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
-    let ready_deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Ok(r) = c.get(format!("http://{addr}/readyz")).send().await {
-            if r.status() == 200 {
-                break;
-            }
-        }
-        assert!(Instant::now() < ready_deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert!(
+        wait_ready(&c, addr, Duration::from_secs(120)).await,
+        "never ready"
+    );
 
     let tally = Arc::new(Mutex::new(Tally::default()));
     // Per account: the expiry of the newest token seen (the sidecar holds it or newer).
@@ -203,7 +188,7 @@ async fn soak() {
         }
         // Keep the mock's own bookkeeping bounded over a long run.
         idp.with(|s| {
-            let now = std::time::Instant::now();
+            let now = Instant::now();
             s.issued
                 .retain(|_, exp| *exp + Duration::from_secs(120) > now);
             s.requests.clear();

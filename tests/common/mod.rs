@@ -8,13 +8,16 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+// tokio's clock: the same as std's, except under a paused clock (`start_paused`), where
+// what the mock records and checks is in virtual time, like the sidecar's own schedule.
+use tokio::time::Instant;
 
 #[allow(unused_imports)] // not every test file uses each of them
 pub use ee_auth_sidecar::{start, Options, Running};
@@ -80,6 +83,13 @@ pub struct Recorded {
     pub at: Instant,
 }
 
+impl Recorded {
+    /// The `scope` the request asked for, if any.
+    pub fn scope(&self) -> Option<&str> {
+        self.form.get("scope").map(String::as_str)
+    }
+}
+
 /// Checks a request the way a real provider would (its wire format). An `Err` is
 /// recorded in [`IdpState::violations`] and answered 400 `invalid_request`.
 #[derive(Clone)]
@@ -106,6 +116,9 @@ pub struct IdpState {
     /// expires_in of issued tokens (seconds, may be fractional); None omits it.
     pub lifetime: Option<f64>,
     pub fault: Fault,
+    /// When set, `fault` applies to this many more calls only; then the mock answers
+    /// normally again (`Fault::None`).
+    pub fault_calls: Option<u64>,
     /// Extra delay before answering.
     pub delay: Duration,
     /// Issue a new refresh token on every refresh_token grant.
@@ -161,6 +174,7 @@ impl MockIdp {
         let state = Arc::new(Mutex::new(IdpState {
             lifetime: Some(3600.0),
             fault: Fault::None,
+            fault_calls: None,
             delay: Duration::ZERO,
             rotate: false,
             valid_refresh_tokens: None,
@@ -230,7 +244,24 @@ impl MockIdp {
     }
 
     pub fn set_fault(&self, fault: Fault) {
-        self.with(|s| s.fault = fault);
+        self.with(|s| {
+            s.fault = fault;
+            s.fault_calls = None;
+        });
+    }
+
+    /// `fault` for the next `calls` token requests, then normal answers (not for
+    /// `Fault::Reset`, which acts on connections).
+    pub fn set_fault_for(&self, fault: Fault, calls: u64) {
+        self.with(|s| {
+            s.fault = fault;
+            s.fault_calls = Some(calls);
+        });
+    }
+
+    /// When each token request arrived, in order.
+    pub fn call_times(&self) -> Vec<Instant> {
+        self.with(|s| s.requests.iter().map(|r| r.at).collect())
     }
 
     pub fn set_lifetime(&self, secs: Option<f64>) {
@@ -249,6 +280,12 @@ impl MockIdp {
     /// What the validator refused so far.
     pub fn violations(&self) -> Vec<String> {
         self.with(|s| s.violations.clone())
+    }
+
+    /// The request an access token was issued for (the token must be one of the mock's).
+    pub fn issued_request(&self, token: &str) -> Recorded {
+        self.request_for(token)
+            .unwrap_or_else(|| panic!("token {token} was not issued by the mock"))
     }
 
     /// The request an access token was issued for.
@@ -325,6 +362,16 @@ async fn handle(
         s.inflight += 1;
         s.peak_inflight = s.peak_inflight.max(s.inflight);
         let mut fault = s.fault.clone();
+        if let Some(left) = s.fault_calls {
+            if left == 0 {
+                fault = Fault::None;
+            }
+            // This call takes the fault; after the last one the mock answers normally.
+            s.fault_calls = left.checked_sub(1).filter(|l| *l > 0);
+            if s.fault_calls.is_none() {
+                s.fault = Fault::None;
+            }
+        }
         if fault == Fault::None
             && s.transient_failure_rate > 0.0
             && fastrand::f64() < s.transient_failure_rate
@@ -521,6 +568,15 @@ pub async fn ask(
     }
 }
 
+/// A config of `n` accounts `a0`, `a1`, ... of one oauth2 provider `idp` (the mock),
+/// with refresh tokens `rt-0`, `rt-1`, ...
+pub fn oauth2_accounts(idp: &MockIdp, n: usize) -> serde_json::Value {
+    let accounts: serde_json::Map<String, serde_json::Value> = (0..n)
+        .map(|i| (format!("a{i}"), serde_json::json!({ "user": format!("u{i}@example.com"), "provider": "idp", "refreshToken": format!("rt-{i}") })))
+        .collect();
+    serde_json::json!({ "providers": { "idp": oauth2_provider(idp) }, "accounts": accounts })
+}
+
 /// A generic oauth2 provider entry pointing at the mock.
 pub fn oauth2_provider(idp: &MockIdp) -> serde_json::Value {
     serde_json::json!({ "type": "oauth2", "tokenUrl": idp.url("/token"), "clientId": "client-1", "clientSecret": "client-secret-value" })
@@ -689,7 +745,7 @@ pub fn mkfifo(path: &Path) {
     assert!(ok, "mkfifo {} failed", path.display());
 }
 
-/// A sidecar's `/metrics` text (the scrape must answer 200).
+/// A sidecar's `/metrics` text (the scrape must answer 200, in Prometheus text format).
 pub async fn scrape(c: &reqwest::Client, addr: SocketAddr) -> String {
     let resp = c
         .get(format!("http://{addr}/metrics"))
@@ -697,6 +753,14 @@ pub async fn scrape(c: &reqwest::Client, addr: SocketAddr) -> String {
         .await
         .expect("/metrics answers");
     assert_eq!(resp.status().as_u16(), 200, "/metrics");
+    let content_type = resp.headers().get("content-type").cloned();
+    assert!(
+        content_type
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/plain")),
+        "Prometheus text format: {content_type:?}"
+    );
     resp.text().await.unwrap()
 }
 
@@ -711,4 +775,83 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
                 .unwrap_or_else(|_| panic!("{series}: not a number: {value}")),
         )
     })
+}
+
+/// Holds tokio's paused clock still while it lives. Under `start_paused` the clock jumps
+/// to the next timer whenever no task can run, including while the runtime waits for a
+/// thread outside it: the sidecar loads its config (`start`, reloads) and renders the
+/// admin list (`GET /v1/accounts`) on threads of their own, and without this the next
+/// timer (a client's request timeout, a refresh) fires during that wait. A running
+/// `spawn_blocking` task inhibits the jump (tokio's documented remedy), so such waits
+/// take no virtual time. Await only I/O while frozen: a timer would never fire.
+pub struct Frozen(Option<std::sync::mpsc::Sender<()>>);
+
+/// See [`Frozen`].
+pub fn freeze() -> Frozen {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    drop(tokio::task::spawn_blocking(move || {
+        let _ = rx.recv();
+    }));
+    Frozen(Some(tx))
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // The blocking task's `recv` returns: the clock may advance again.
+        self.0.take();
+    }
+}
+
+/// One sample of a sidecar's `/metrics` (`name` or `name{labels}`), `None` when absent.
+pub async fn scraped(c: &reqwest::Client, addr: SocketAddr, series: &str) -> Option<f64> {
+    sample(&scrape(c, addr).await, series)
+}
+
+/// One sample of a sidecar's `/metrics`, 0 while it is absent (a counter before its
+/// first event).
+pub async fn metric(c: &reqwest::Client, addr: SocketAddr, series: &str) -> f64 {
+    scraped(c, addr, series).await.unwrap_or(0.0)
+}
+
+/// Polls `/readyz` until it answers 200 (true) or `timeout` passes (false).
+pub async fn wait_ready(c: &reqwest::Client, addr: SocketAddr, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(r) = c.get(format!("http://{addr}/readyz")).send().await {
+            if r.status() == 200 {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Resident memory of process `pid` in KiB (0 when it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The wall clock as Unix seconds.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Lower-case hex SHA-256 of `s` (the state directory names its records so).
+pub fn sha256_hex(s: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
