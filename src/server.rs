@@ -466,20 +466,16 @@ async fn admin(
             let page = Page::parse(req.uri().query())?;
             let sidecar = sidecar.clone();
             // Sorting and rendering every account is proportional to the map (100k
-            // accounts: tens of MB of JSON): done on a thread of its own, reading each
-            // key's status at normal priority (a thread holding a key's lock must not be
-            // starved), then rendering at nice +10, as reloads do (BENCHMARKS.md, item 8).
+            // accounts: tens of MB of JSON): done on a thread of its own at nice +10, as
+            // reloads are (BENCHMARKS.md, item 8). It takes each key's lock for a moment,
+            // which a hit never takes: starved, it delays no request served from memory.
             let building = sidecar.list_build().ok_or(ServeError::ListBusy)?;
             let (done, rendered) = tokio::sync::oneshot::channel();
             std::thread::Builder::new()
                 .name("ee-admin-list".into())
                 .spawn(move || {
-                    let body = list(
-                        &sidecar,
-                        &config,
-                        &page,
-                        crate::priority::lower_this_threads_priority,
-                    );
+                    crate::priority::lower_this_threads_priority();
+                    let body = list(&sidecar, &config, &page);
                     // Free before answering: a client's next list must find the place.
                     drop(building);
                     let _ = done.send(body);
@@ -619,7 +615,7 @@ impl Page {
 }
 
 /// Renders the admin list (on a thread of its own; see the caller).
-fn list(sidecar: &Sidecar, config: &Config, page: &Page, then_lower_priority: fn()) -> Bytes {
+fn list(sidecar: &Sidecar, config: &Config, page: &Page) -> Bytes {
     let mut ids: Vec<&Arc<str>> = config.accounts.keys().collect();
     ids.sort_unstable();
     let end = page.offset.saturating_add(page.limit);
@@ -648,9 +644,6 @@ fn list(sidecar: &Sidecar, config: &Config, page: &Page, then_lower_priority: fn
         }
         shown.push(view);
     }
-    // No key's lock is needed any more: the rest (most of the CPU) may yield to
-    // the serving thread.
-    then_lower_priority();
     let total = if page.state.is_some() {
         matched
     } else {
