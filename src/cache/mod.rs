@@ -138,9 +138,14 @@ impl Books {
         let mut st = entry.lock();
         st.retired = true;
         entry.token.store(None);
+        // The flight holds the entry (and will hold its answer): kept here, an unawaited
+        // background refresh would keep both alive for good. Joined requests keep theirs.
+        let flight = st.inflight.take();
         self.unschedule(entry, &mut st);
         st.wake();
         self.settle(&mut st);
+        drop(st);
+        drop(flight);
     }
 }
 
@@ -218,7 +223,8 @@ impl TokenCache {
     }
 
     /// Makes `entry` its key's entry; the one it replaces is retired (by moka's eviction
-    /// listener, before this returns).
+    /// listener, before this returns, taking that entry's lock: never call this, or any
+    /// method that calls moka, while holding an entry's lock).
     pub fn commit(&self, entry: &Arc<KeyEntry>) {
         let key = &entry.set().key;
         if !self.index.get(key).is_some_and(|e| Arc::ptr_eq(&e, entry)) {
@@ -387,6 +393,9 @@ impl TokenCache {
                     }
                     last_joined = Some(flight.clone());
                     match tokio::time::timeout_at(deadline, flight).await {
+                        // Removed or replaced while the fetch ran: its token is of
+                        // credentials no longer configured.
+                        Ok(Ok(_)) if entry.lock().retired => return Err(CacheError::Superseded),
                         Ok(Ok(tok)) => return Ok((tok, source)),
                         Ok(Err(e)) if !hold || e.class == ErrorClass::Permanent => {
                             return Err(self.error_from(entry.set(), &e, None))
@@ -672,6 +681,9 @@ impl TokenCache {
     /// (Re)arms the entry's background refresh (caller holds its lock).
     fn schedule(self: &Arc<Self>, entry: &Arc<KeyEntry>, st: &mut EntryState, at: Instant) {
         self.books.unschedule(entry, st);
+        if self.is_closing() {
+            return;
+        }
         let queue = {
             let mut queues = self.books.queues();
             queues
@@ -756,6 +768,7 @@ impl TokenCache {
         // answered at once (`--request-wait 0s`).
         let wait = self.policy.request_wait.max(Duration::from_secs(10));
         match tokio::time::timeout(wait, flight).await {
+            Ok(Ok(_)) if entry.lock().retired => Err(CacheError::Superseded),
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(self.error_from(entry.set(), &e, None)),
             Err(_) => Err(unavailable(
@@ -816,7 +829,7 @@ impl TokenCache {
         self.index.get(key).is_some_and(|e| e.is_used())
     }
 
-    /// The configured keys.
+    /// The configured keys (asked for or not; see [`TokenCache::is_tracked`]).
     pub fn keys(&self) -> Vec<CredentialKey> {
         self.index.iter().map(|(k, _)| (*k).clone()).collect()
     }
@@ -1243,5 +1256,76 @@ mod tests {
         let empty = cache.snapshot();
         assert!(empty.accounts_by_state.iter().all(|(_, n)| *n == 0));
         assert_eq!(empty.min_remaining, None);
+    }
+
+    /// A fetch of `entry` that answers with a token once `released` fires.
+    fn held_fetch(
+        cache: &Arc<TokenCache>,
+        entry: &Arc<KeyEntry>,
+        released: tokio::sync::oneshot::Receiver<()>,
+    ) -> Flight {
+        let answer = Arc::new(CachedToken {
+            body: Bytes::from_static(BODY),
+            expires_at: Instant::now() + Duration::from_secs(3600),
+            min_life: Duration::from_secs(60),
+        });
+        let mut st = entry.lock();
+        st.used = true;
+        cache.spawn_flight(entry, &mut st, None, async move {
+            let _ = released.await;
+            Ok(answer)
+        })
+    }
+
+    /// Review finding: a retired entry kept its flight, and the flight kept the entry
+    /// (and, once done, its answer): a background refresh under way when a reload removed
+    /// or changed its key kept the old credentials and an access token in memory for good.
+    #[tokio::test]
+    async fn a_retired_entry_with_a_fetch_under_way_is_freed_when_the_fetch_ends() {
+        let cache = offline_cache(Policy::default());
+        let set = sets(1).remove(0);
+        let entry = cache.install(&set);
+        let (release, released) = tokio::sync::oneshot::channel();
+        // Nobody awaits it, as with a background refresh.
+        drop(held_fetch(&cache, &entry, released));
+        let weak = Arc::downgrade(&entry);
+        cache.remove(&set.key);
+        drop(entry);
+        release.send(()).unwrap();
+        for _ in 0..200 {
+            // moka lets go of a removed value at its next housekeeping.
+            cache.run_pending_tasks();
+            if weak.upgrade().is_none() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the retired entry (old credentials, its answer) is still in memory");
+    }
+
+    /// Review finding: a request that joined a fetch, whose key was then removed or got
+    /// new credentials, was given that fetch's token.
+    #[tokio::test]
+    async fn a_request_joined_to_a_fetch_of_retired_credentials_is_not_given_its_token() {
+        let cache = offline_cache(Policy::default());
+        let set = sets(1).remove(0);
+        let entry = cache.install(&set);
+        let (release, released) = tokio::sync::oneshot::channel();
+        let _flight = held_fetch(&cache, &entry, released);
+        let waiting = tokio::spawn({
+            let (cache, entry) = (cache.clone(), entry.clone());
+            async move { cache.get(&entry).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        cache.remove(&set.key);
+        release.send(()).unwrap();
+        let got = waiting.await.unwrap();
+        assert!(matches!(got, Err(CacheError::Superseded)), "{got:?}");
+        let forced =
+            tokio::time::timeout(Duration::from_secs(5), cache.force_refresh(&entry)).await;
+        assert!(
+            matches!(forced, Ok(Err(CacheError::Superseded))),
+            "{forced:?}"
+        );
     }
 }
