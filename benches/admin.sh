@@ -11,7 +11,7 @@
 #   - GET /metrics (one scrape);
 # and runs wrk on the token endpoint (random account per request, 8 connections) twice:
 # alone, then while one client loops over the whole list and four poll /metrics without
-# pause (all clients on the second CPU). Prints the token p50/p99 of both runs, and how
+# pause, each on a keep-alive connection (benches/pollers.py; all clients on the second CPU). Prints the token p50/p99 of both runs, and how
 # many lists and scrapes the pollers completed meanwhile. Everything stops by itself;
 # nothing leaves loopback. Servers on the first allowed CPU and clients on the second when `taskset` is there.
 set -euo pipefail
@@ -71,17 +71,14 @@ for n in "${SIZES[@]}"; do
   one_ms=$(timed "$base/v1/accounts/acct-$((n / 3))")
   metrics_ms=$(timed "$base/metrics")
   read -r a50 a99 _ < <(token_latency "$SIDE_PORT" "$n")
-  # Pollers: one client fetching the whole list in a loop, four scraping /metrics.
-  : >"$work/polls"
-  poll() { while :; do "${CLIENT_PIN[@]}" curl -fsS -o /dev/null -H "Authorization: $AUTH" "$1" && echo "$2" >>"$work/polls"; done; }
-  poll "$base/v1/accounts" list & p1=$!
-  poll "$base/metrics" scrape & p2=$!
-  poll "$base/metrics" scrape & p3=$!
-  poll "$base/metrics" scrape & p4=$!
-  poll "$base/metrics" scrape & p5=$!
+  # Pollers: one client fetching the whole list in a loop, four scraping /metrics, each on
+  # a keep-alive connection (benches/pollers.py). POLLERS=list|scrapes keeps one kind.
+  secs=${DURATION%s}
+  "${CLIENT_PIN[@]}" python3 benches/pollers.py 127.0.0.1 "$SIDE_PORT" "$AUTH" "$((secs + 1))" "${POLLERS:-all}" >"$work/polls" &
+  poller=$!
   read -r b50 b99 _ < <(token_latency "$SIDE_PORT" "$n")
-  kill $p1 $p2 $p3 $p4 $p5 2>/dev/null || true; wait $p1 $p2 $p3 $p4 $p5 2>/dev/null || true
-  runs="$(grep -c list "$work/polls" || true)/$(grep -c scrape "$work/polls" || true)"
+  wait $poller
+  runs="$(awk '{print $1 "/" $2}' "$work/polls")"
   printf '%-8s %10s %9.1f %10s %9s %9s %9s | %-22s %-22s %s\n' "$n" "$list_ms" "$(echo "$list_bytes / 1048576" | bc -l)" \
     "$page_ms" "$one_ms" "$metrics_ms" "$ready_s" "$a50/$a99" "$b50/$b99" "$runs"
   kill $side $mock 2>/dev/null || true; wait $side $mock 2>/dev/null || true

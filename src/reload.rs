@@ -253,10 +253,7 @@ impl Sidecar {
                 file: path.clone(),
                 errors: vec![ConfigError::new("auth", e.to_string())],
             })?;
-            let built = Routes::build(Arc::new(config), &cache, Some(&current));
-            drop(current);
-            release_freed_memory();
-            Ok(Some(Some(built)))
+            Ok(Some(Some(Routes::build(Arc::new(config), &cache, Some(&current)))))
         })
         .await
         .unwrap_or_else(|e| {
@@ -288,12 +285,12 @@ impl Sidecar {
                     st.last_error_at = None;
                 }
                 self.apply(changes, accounts, started);
-                // Freeing a big map takes a while: off the serving thread too.
-                let _ = at_low_priority(move || {
+                // Freeing a big map (and the parse's garbage) takes a while: off the
+                // serving thread, and not part of the reload's time.
+                tokio::spawn(at_low_priority(move || {
                     drop(old);
                     release_freed_memory();
-                })
-                .await;
+                }));
                 Ok(true)
             }
             Err(errors) => {
