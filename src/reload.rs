@@ -253,7 +253,11 @@ impl Sidecar {
                 file: path.clone(),
                 errors: vec![ConfigError::new("auth", e.to_string())],
             })?;
-            Ok(Some(Some(Routes::build(Arc::new(config), &cache, Some(&current)))))
+            Ok(Some(Some(Routes::build(
+                Arc::new(config),
+                &cache,
+                Some(&current),
+            ))))
         })
         .await
         .unwrap_or_else(|e| {
