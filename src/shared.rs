@@ -85,6 +85,8 @@ impl Routes {
                 (Some(route), _) => route.clone(),
                 (None, AccountKind::Fixed(body)) => Route::Fixed(body.clone()),
                 (None, AccountKind::OAuth(o)) => {
+                    // This account's entries to warm start here: only they can repeat.
+                    let warm_from = changes.warm.len();
                     let mut made: Vec<Arc<KeyEntry>> = Vec::with_capacity(1);
                     let mut entry = |set: &Arc<crate::config::CredentialSet>| {
                         if let Some(e) = made.iter().find(|e| e.set().key == set.key) {
@@ -113,7 +115,7 @@ impl Routes {
                     ]);
                     for set in o.warm_sets() {
                         if let Some(e) = route.entry_of(&set.key) {
-                            if !changes.warm.iter().any(|w| Arc::ptr_eq(w, e)) {
+                            if !changes.warm[warm_from..].iter().any(|w| Arc::ptr_eq(w, e)) {
                                 changes.warm.push(e.clone());
                             }
                         }
