@@ -398,7 +398,7 @@ async fn answer(
         match route {
             Route::Fixed(body) => return Ok((body.clone(), Outcome::Fixed)),
             Route::OAuth(entries) => {
-                let entry = &entries[query.proto.map_or(0, |p| p as usize + 1)];
+                let entry = entries.get(query.proto);
                 if let Some(body) = sidecar.cache().hit(entry) {
                     return Ok((body, Outcome::Hit));
                 }
@@ -410,20 +410,14 @@ async fn answer(
         // The key was removed or got new credentials after this request read the routes:
         // the routes in use now say what serves it.
         Err(CacheError::Superseded) => {
-            let entry = {
-                let routes = sidecar.routes();
-                match routes.route(&account) {
-                    // Removed: answered for the account it asked about; the client's
-                    // next request learns it is gone.
-                    None => return Err(CacheError::Superseded.into()),
-                    Some(Route::Fixed(body)) => return Ok((body.clone(), Outcome::Fixed)),
-                    Some(route) => route.entry_for(proto).cloned(),
-                }
-            };
-            match entry {
-                Some(entry) => sidecar.cache().get(&entry).await?,
+            let entry = match sidecar.routes().route(&account) {
+                // Removed: answered for the account it asked about; the client's next
+                // request learns it is gone.
                 None => return Err(CacheError::Superseded.into()),
-            }
+                Some(Route::Fixed(body)) => return Ok((body.clone(), Outcome::Fixed)),
+                Some(Route::OAuth(entries)) => entries.get(proto).clone(),
+            };
+            sidecar.cache().get(&entry).await?
         }
         other => other?,
     };

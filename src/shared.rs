@@ -22,24 +22,27 @@ use crate::state::TokenStore;
 pub enum Route {
     /// A password or static-token account: the answer, serialized once.
     Fixed(Bytes),
-    /// An OAuth2 account: the entry serving no `proto`, then one per [`Proto::ALL`].
-    OAuth([Arc<KeyEntry>; 4]),
+    /// An OAuth2 account: the entry serving each `proto`.
+    OAuth(ProtoEntries),
+}
+
+/// The entry serving no `proto`, then one per [`Proto::ALL`] (often all the same).
+#[derive(Clone)]
+pub struct ProtoEntries([Arc<KeyEntry>; 4]);
+
+impl ProtoEntries {
+    /// The entry that serves `proto`.
+    pub fn get(&self, proto: Option<Proto>) -> &Arc<KeyEntry> {
+        &self.0[proto.map_or(0, |p| p as usize + 1)]
+    }
 }
 
 impl Route {
-    /// The entry that serves `proto`, for an OAuth2 account.
-    pub fn entry_for(&self, proto: Option<Proto>) -> Option<&Arc<KeyEntry>> {
-        match self {
-            Route::Fixed(_) => None,
-            Route::OAuth(entries) => Some(&entries[proto.map_or(0, |p| p as usize + 1)]),
-        }
-    }
-
     /// The entry of the account's credential set with this key.
     pub fn entry_of(&self, key: &CredentialKey) -> Option<&Arc<KeyEntry>> {
         match self {
             Route::Fixed(_) => None,
-            Route::OAuth(entries) => entries.iter().find(|e| e.set().key == *key),
+            Route::OAuth(entries) => entries.0.iter().find(|e| e.set().key == *key),
         }
     }
 }
@@ -94,7 +97,7 @@ impl Routes {
                         }
                         let current = cache.entry(&set.key);
                         let e = match current {
-                            Some(c) if c.set().fingerprint == set.fingerprint => c,
+                            Some(c) if c.is_for(set) => c,
                             replaced => {
                                 let e = cache.new_entry(set);
                                 changes.commit.push(e.clone());
@@ -107,12 +110,12 @@ impl Routes {
                         made.push(e.clone());
                         e
                     };
-                    let route = Route::OAuth([
+                    let route = Route::OAuth(ProtoEntries([
                         entry(&o.default),
                         entry(&o.per_proto[0]),
                         entry(&o.per_proto[1]),
                         entry(&o.per_proto[2]),
-                    ]);
+                    ]));
                     for set in o.warm_sets() {
                         if let Some(e) = route.entry_of(&set.key) {
                             if !changes.warm[warm_from..].iter().any(|w| Arc::ptr_eq(w, e)) {
@@ -144,7 +147,7 @@ impl Routes {
             }) {
                 continue;
             }
-            let Route::OAuth(entries) = route else {
+            let Route::OAuth(ProtoEntries(entries)) = route else {
                 continue;
             };
             let new_sets = match new.map(|a| &a.kind) {

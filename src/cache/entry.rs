@@ -94,6 +94,12 @@ impl KeyEntry {
         &self.set
     }
 
+    /// Whether this record was made for `set`'s credentials (a changed secret, scope or
+    /// provider means another record).
+    pub fn is_for(&self, set: &CredentialSet) -> bool {
+        self.set.fingerprint == set.fingerprint
+    }
+
     pub(super) fn lock(&self) -> MutexGuard<'_, EntryState> {
         // Every critical section leaves the state whole before it can panic.
         self.state.lock().unwrap_or_else(|p| p.into_inner())

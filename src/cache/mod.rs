@@ -236,7 +236,7 @@ impl TokenCache {
     /// (tools and tests; the sidecar's entries are made by its routes).
     pub fn install(&self, set: &Arc<CredentialSet>) -> Arc<KeyEntry> {
         match self.index.get(&set.key) {
-            Some(e) if e.set().fingerprint == set.fingerprint => e,
+            Some(e) if e.is_for(set) => e,
             _ => {
                 let entry = self.new_entry(set);
                 self.commit(&entry);
@@ -838,7 +838,7 @@ impl TokenCache {
     pub fn status_of(&self, set: &CredentialSet) -> Option<KeyStatus> {
         self.index
             .get(&set.key)
-            .filter(|e| e.set().fingerprint == set.fingerprint)
+            .filter(|e| e.is_for(set))
             .and_then(|e| e.status())
     }
 
