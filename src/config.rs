@@ -49,8 +49,9 @@ pub struct CredentialSet {
     pub user: Arc<str>,
     /// The account's refresh token as the config gives it (rotation may supersede it).
     pub refresh_token: Option<Secret>,
-    /// Digest of everything above including secrets: a change means "drop the token".
-    pub fingerprint: [u8; 32],
+    /// Digest of everything above including secrets (SHA-256's first 128 bits): a change
+    /// means "drop the token".
+    pub fingerprint: [u8; 16],
 }
 
 /// An account whose answer comes from an identity provider.
@@ -60,8 +61,9 @@ pub struct OAuthAccount {
     pub default: Arc<CredentialSet>,
     /// The set per protocol, in [`Proto::ALL`] order.
     pub per_proto: [Arc<CredentialSet>; 3],
-    /// Protocols configured explicitly under `protocols` (pre-warmed with the default).
-    pub explicit: Vec<Proto>,
+    /// Whether each protocol, in [`Proto::ALL`] order, is configured explicitly under
+    /// `protocols` (those are pre-warmed with the default).
+    pub explicit: [bool; 3],
 }
 
 impl OAuthAccount {
@@ -87,8 +89,11 @@ impl OAuthAccount {
     /// The sets worth fetching before anyone asks: the default one and explicit overrides.
     pub fn warm_sets(&self) -> Vec<&Arc<CredentialSet>> {
         let mut out: Vec<&Arc<CredentialSet>> = vec![&self.default];
-        for p in &self.explicit {
-            let s = self.set_for(Some(*p));
+        for p in Proto::ALL
+            .into_iter()
+            .filter(|p| self.explicit[*p as usize])
+        {
+            let s = self.set_for(Some(p));
             if !out.iter().any(|o| o.key == s.key) {
                 out.push(s);
             }
@@ -113,8 +118,9 @@ pub struct Account {
     pub id: Arc<str>,
     /// What it answers with.
     pub kind: AccountKind,
-    /// Digest of the account's whole definition, for reload diffs of fixed accounts.
-    pub fingerprint: [u8; 32],
+    /// Digest of the account's whole definition (SHA-256's first 128 bits: a reload
+    /// compares it for every account, and it is stored for every one).
+    pub fingerprint: [u8; 16],
 }
 
 /// A validated, immutable account map.
@@ -638,8 +644,8 @@ fn build_account(
         body.map_err(|e| vec![ConfigError::new(format!("{path}.{field}"), e.to_string())])
     };
     let finish = |digest: ring::digest::Context| {
-        let mut fp = [0u8; 32];
-        fp.copy_from_slice(digest.finish().as_ref());
+        let mut fp = [0u8; 16];
+        fp.copy_from_slice(&digest.finish().as_ref()[..16]);
         fp
     };
 
@@ -772,8 +778,8 @@ fn build_account(
         if let Some(rt) = &refresh_token {
             d.update(&rt.digest());
         }
-        let mut fingerprint = [0u8; 32];
-        fingerprint.copy_from_slice(d.finish().as_ref());
+        let mut fingerprint = [0u8; 16];
+        fingerprint.copy_from_slice(&d.finish().as_ref()[..16]);
         Ok(Arc::new(CredentialSet {
             key: CredentialKey::new(id.clone(), ctx.shared_names.get(&set_id)),
             provider_name: ctx.shared_names.get(&provider_name),
@@ -798,11 +804,9 @@ fn build_account(
         raw.protocols.api.as_ref(),
     ];
     let mut per_proto = Vec::with_capacity(3);
-    let mut explicit = Vec::new();
+    let mut explicit = [false; 3];
     for (proto, ov) in Proto::ALL.into_iter().zip(overrides) {
-        if ov.is_some() {
-            explicit.push(proto);
-        }
+        explicit[proto as usize] = ov.is_some();
         // A protocol without an override whose default scopes are the account's default
         // ones *is* the default set: share it instead of building a copy (load time and
         // memory with 100k accounts; see BENCHMARKS.md, P5).
@@ -848,7 +852,7 @@ fn build_account(
     for set in std::iter::once(&default).chain(per_proto.iter()) {
         digest.update(&set.fingerprint);
     }
-    for p in &explicit {
+    for p in Proto::ALL.into_iter().filter(|p| explicit[*p as usize]) {
         digest.update(p.as_str().as_bytes());
     }
     Ok(Account {

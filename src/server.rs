@@ -396,7 +396,7 @@ async fn answer(
             return Err(ServeError::UnknownAccount);
         };
         match route {
-            Route::Fixed(body) => return Ok((body.clone(), Outcome::Fixed)),
+            Route::Fixed(body) => return Ok((Bytes::clone(body), Outcome::Fixed)),
             Route::OAuth(entries) => {
                 let entry = entries.get(query.proto);
                 if let Some(body) = sidecar.cache().hit(entry) {
@@ -414,7 +414,7 @@ async fn answer(
                 // Removed: answered for the account it asked about; the client's next
                 // request learns it is gone.
                 None => return Err(CacheError::Superseded.into()),
-                Some(Route::Fixed(body)) => return Ok((body.clone(), Outcome::Fixed)),
+                Some(Route::Fixed(body)) => return Ok((Bytes::clone(body), Outcome::Fixed)),
                 Some(Route::OAuth(entries)) => entries.get(proto).clone(),
             };
             sidecar.cache().get(&entry).await?

@@ -17,23 +17,57 @@ use crate::options::Options;
 use crate::protocol::Proto;
 use crate::state::TokenStore;
 
-/// How one account is answered.
+/// How one account is answered. One pointer wide: the route table has an entry per
+/// account, so its size counts 100,000 times.
 #[derive(Clone)]
 pub enum Route {
     /// A password or static-token account: the answer, serialized once.
-    Fixed(Bytes),
+    Fixed(Box<Bytes>),
     /// An OAuth2 account: the entry serving each `proto`.
     OAuth(ProtoEntries),
 }
 
-/// The entry serving no `proto`, then one per [`Proto::ALL`] (often all the same).
+/// The entry serving each `proto`: most accounts serve every protocol with one.
 #[derive(Clone)]
-pub struct ProtoEntries([Arc<KeyEntry>; 4]);
+pub enum ProtoEntries {
+    /// One entry for no `proto` and every protocol.
+    One(Arc<KeyEntry>),
+    /// The entry serving no `proto`, then one per [`Proto::ALL`].
+    Per(Box<[Arc<KeyEntry>; 4]>),
+}
 
 impl ProtoEntries {
+    fn new(entries: [Arc<KeyEntry>; 4]) -> Self {
+        if entries.iter().all(|e| Arc::ptr_eq(e, &entries[0])) {
+            let [one, ..] = entries;
+            ProtoEntries::One(one)
+        } else {
+            ProtoEntries::Per(Box::new(entries))
+        }
+    }
+
     /// The entry that serves `proto`.
     pub fn get(&self, proto: Option<Proto>) -> &Arc<KeyEntry> {
-        &self.0[proto.map_or(0, |p| p as usize + 1)]
+        match self {
+            ProtoEntries::One(e) => e,
+            ProtoEntries::Per(per) => &per[proto.map_or(0, |p| p as usize + 1)],
+        }
+    }
+
+    /// Every entry, each once.
+    fn distinct(&self) -> Vec<&Arc<KeyEntry>> {
+        match self {
+            ProtoEntries::One(e) => vec![e],
+            ProtoEntries::Per(per) => {
+                let mut out: Vec<&Arc<KeyEntry>> = Vec::with_capacity(4);
+                for e in per.iter() {
+                    if !out.iter().any(|o| Arc::ptr_eq(o, e)) {
+                        out.push(e);
+                    }
+                }
+                out
+            }
+        }
     }
 }
 
@@ -42,7 +76,7 @@ impl Route {
     pub fn entry_of(&self, key: &CredentialKey) -> Option<&Arc<KeyEntry>> {
         match self {
             Route::Fixed(_) => None,
-            Route::OAuth(entries) => entries.0.iter().find(|e| e.set().key == *key),
+            Route::OAuth(entries) => entries.distinct().into_iter().find(|e| e.set().key == *key),
         }
     }
 }
@@ -86,7 +120,7 @@ impl Routes {
             });
             let route = match (kept, &account.kind) {
                 (Some(route), _) => route.clone(),
-                (None, AccountKind::Fixed(body)) => Route::Fixed(body.clone()),
+                (None, AccountKind::Fixed(body)) => Route::Fixed(Box::new(body.clone())),
                 (None, AccountKind::OAuth(o)) => {
                     // This account's entries to warm start here: only they can repeat.
                     let warm_from = changes.warm.len();
@@ -110,7 +144,7 @@ impl Routes {
                         made.push(e.clone());
                         e
                     };
-                    let route = Route::OAuth(ProtoEntries([
+                    let route = Route::OAuth(ProtoEntries::new([
                         entry(&o.default),
                         entry(&o.per_proto[0]),
                         entry(&o.per_proto[1]),
@@ -147,17 +181,16 @@ impl Routes {
             }) {
                 continue;
             }
-            let Route::OAuth(ProtoEntries(entries)) = route else {
+            let Route::OAuth(entries) = route else {
                 continue;
             };
             let new_sets = match new.map(|a| &a.kind) {
                 Some(AccountKind::OAuth(n)) => n.sets(),
                 _ => Vec::new(),
             };
-            for (i, e) in entries.iter().enumerate() {
+            for e in entries.distinct() {
                 let key = &e.set().key;
-                let seen = entries[..i].iter().any(|p| p.set().key == *key);
-                if !seen && !new_sets.iter().any(|s| s.key == *key) {
+                if !new_sets.iter().any(|s| s.key == *key) {
                     removed.push(key.clone());
                 }
             }

@@ -22,14 +22,38 @@ pub struct CachedToken {
     pub body: Bytes,
     /// When it expires (measured from when the request was sent, to be safe).
     pub expires_at: Instant,
-    /// Served as fresh only with at least this much life left.
-    pub min_life: Duration,
+    /// Served as fresh only with at least this much life left: whole milliseconds,
+    /// rounded up (a token is kept for every key, so its size counts).
+    min_life_ms: u32,
 }
 
 impl CachedToken {
-    pub(super) fn freshness(&self, now: Instant) -> Freshness {
-        schedule::freshness(self.expires_at.checked_duration_since(now), self.min_life)
+    /// A token served as fresh while it has at least `min_life` left.
+    pub fn new(body: Bytes, expires_at: Instant, min_life: Duration) -> Self {
+        CachedToken {
+            body,
+            expires_at,
+            min_life_ms: millis_up(min_life),
+        }
     }
+
+    /// The least life left with which it is served as fresh.
+    pub fn min_life(&self) -> Duration {
+        Duration::from_millis(u64::from(self.min_life_ms))
+    }
+
+    /// Makes this token, whose answer buffer was taken, a new one.
+    pub(super) fn renew(&mut self, body: Bytes, expires_at: Instant, min_life: Duration) {
+        *self = CachedToken::new(body, expires_at, min_life);
+    }
+
+    pub(super) fn freshness(&self, now: Instant) -> Freshness {
+        schedule::freshness(self.expires_at.checked_duration_since(now), self.min_life())
+    }
+}
+
+fn millis_up(d: Duration) -> u32 {
+    u32::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u32::MAX)
 }
 
 pub(super) type FetchResult = Result<Arc<CachedToken>, Arc<ProviderError>>;
@@ -59,8 +83,8 @@ pub(super) struct EntryState {
     /// Rare: boxed to keep the record small.
     pub failure: Option<Box<Failure>>,
     pub last_ok: Option<SystemTime>,
-    /// Expiry of the stored token.
-    pub expires: Option<(Instant, SystemTime)>,
+    /// Expiry of the stored token (the wall-clock time shown is derived from it).
+    pub expires: Option<Instant>,
     /// The key's entry in its provider's refresh queue.
     pub due: Option<DueId>,
     /// Requests held through a back-off, woken when the key's next attempt starts.
@@ -141,7 +165,7 @@ impl EntryState {
     pub fn counted_now(&self) -> Option<Counted> {
         (self.used && !self.retired).then(|| Counted {
             state: self.state(),
-            expires: self.expires.map(|(at, _)| at),
+            expires: self.expires.map(ExpirySecond::of),
         })
     }
 
@@ -153,15 +177,22 @@ impl EntryState {
     }
 
     fn status(&self, set: &CredentialSet, now: Instant) -> KeyStatus {
-        let token = self.expires.filter(|(at, _)| *at > now);
+        let remaining = self.expires.and_then(|at| at.checked_duration_since(now));
+        let remaining = remaining.filter(|r| !r.is_zero());
         KeyStatus {
             account: set.key.account.to_string(),
             provider: set.provider_name.to_string(),
             grant: set.grant.as_str(),
             scopes: set.scopes.clone(),
             state: self.state().as_str(),
-            token_expires_at: token.map(|(_, wall)| rfc3339(wall)),
-            token_remaining_seconds: token.map(|(at, _)| (at - now).as_secs()),
+            token_expires_at: remaining.map(|r| {
+                rfc3339(
+                    SystemTime::now()
+                        .checked_add(r)
+                        .unwrap_or(SystemTime::now()),
+                )
+            }),
+            token_remaining_seconds: remaining.map(|r| r.as_secs()),
             last_refresh_at: self.last_ok.map(rfc3339),
             last_error: self.failure.as_ref().map(|f| ErrorStatus {
                 class: f.error.class.as_str(),
@@ -214,7 +245,33 @@ impl KeyState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Counted {
     state: KeyState,
-    expires: Option<Instant>,
+    expires: Option<ExpirySecond>,
+}
+
+/// A token's expiry to the whole second, counted from the first one asked for: the
+/// counts need only the shortest remaining life in seconds, and tokens expiring in the
+/// same second share one entry of [`StateCounts::expiries`] instead of one each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct ExpirySecond(u32);
+
+impl ExpirySecond {
+    fn base() -> Instant {
+        static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *BASE.get_or_init(Instant::now)
+    }
+
+    /// The second `at` falls in (instants before the base count as its first second).
+    pub fn of(at: Instant) -> Self {
+        let secs = at.saturating_duration_since(Self::base()).as_secs();
+        ExpirySecond(u32::try_from(secs).unwrap_or(u32::MAX))
+    }
+
+    /// Time from `now` to this second's start: at most a second short of the life left
+    /// to the tokens in it (never more), zero once the second has begun.
+    pub fn remaining_from(self, now: Instant) -> Duration {
+        let start = Self::base().checked_add(Duration::from_secs(u64::from(self.0)));
+        start.map_or(Duration::MAX, |s| s.saturating_duration_since(now))
+    }
 }
 
 /// Keys per state and the expiry of every stored token, kept as records change rather
@@ -222,8 +279,8 @@ pub(super) struct Counted {
 #[derive(Default)]
 pub(super) struct StateCounts {
     pub by_state: [u64; KeyState::ALL.len()],
-    /// Token expiry -> how many stored tokens expire then.
-    pub expiries: BTreeMap<Instant, u32>,
+    /// Second of expiry -> how many stored tokens expire in it.
+    pub expiries: BTreeMap<ExpirySecond, u32>,
 }
 
 impl StateCounts {

@@ -20,13 +20,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::FutureExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 pub use entry::{CachedToken, ErrorStatus, Flight, KeyEntry, KeyState, KeyStatus};
-use entry::{DueId, EntryState, Failure, FetchResult, StateCounts};
+use entry::{DueId, EntryState, ExpirySecond, Failure, FetchResult, StateCounts};
 
 use crate::config::CredentialSet;
 use crate::credentials::CredentialKey;
@@ -149,9 +149,10 @@ impl Books {
     }
 }
 
-/// Spare answer buffers at most: a refreshed answer is written into its predecessor's
-/// buffer (see [`protocol::ValidTokenAnswer::to_bytes`]) passed on through this pool.
-const SPARE_BUFFERS: usize = 64;
+/// Spare tokens at most: a refreshed token is written into a replaced one (its `Arc`
+/// and, when no response still sends it, its answer buffer; see
+/// [`protocol::ValidTokenAnswer::to_bytes`]) passed on through this pool.
+const SPARE_TOKENS: usize = 64;
 
 /// The token cache.
 pub struct TokenCache {
@@ -166,7 +167,7 @@ pub struct TokenCache {
     metrics: Arc<Metrics>,
     /// Providers already warned about an `expires_in` over [`schedule::MAX_LIFETIME`].
     long_lifetime_warned: Mutex<HashSet<Arc<str>>>,
-    spare_buffers: Mutex<Vec<BytesMut>>,
+    spare_tokens: Mutex<Vec<Arc<CachedToken>>>,
 }
 
 impl Drop for TokenCache {
@@ -203,7 +204,7 @@ impl TokenCache {
             policy,
             metrics,
             long_lifetime_warned: Mutex::default(),
-            spare_buffers: Mutex::default(),
+            spare_tokens: Mutex::default(),
         })
     }
 
@@ -273,7 +274,7 @@ impl TokenCache {
         let servable_for = cached.as_ref().map_or(Duration::ZERO, |tok| {
             tok.expires_at.saturating_duration_since(later(
                 Instant::now(),
-                schedule::stale_floor(tok.min_life),
+                schedule::stale_floor(tok.min_life()),
             ))
         });
         let wait = if servable_for.is_zero() {
@@ -298,7 +299,7 @@ impl TokenCache {
                 Some(tok)
                     if !matches!(e, CacheError::Superseded)
                         && tok.expires_at
-                            > later(Instant::now(), schedule::stale_floor(tok.min_life)) =>
+                            > later(Instant::now(), schedule::stale_floor(tok.min_life())) =>
                 {
                     self.metrics.cache_event(CacheEvent::StaleServed);
                     Ok((tok.body.clone(), Source::Stale))
@@ -548,11 +549,7 @@ impl TokenCache {
             }
         };
         let plan = schedule::plan(lifetime, &self.policy, fastrand::f64());
-        let tok = Arc::new(CachedToken {
-            body: answer.to_bytes(self.spare_buffer()),
-            expires_at: later(sent.instant, lifetime),
-            min_life: plan.min_life,
-        });
+        let tok = self.new_token(&answer, later(sent.instant, lifetime), plan.min_life);
         self.metrics.refresh(&set.provider_name, RefreshOutcome::Ok);
         let replaced = {
             let mut st = entry.lock();
@@ -565,8 +562,7 @@ impl TokenCache {
                 st.inflight = None;
                 st.failure = None;
                 st.last_ok = Some(SystemTime::now());
-                let wall = sent.wall.checked_add(lifetime).unwrap_or(sent.wall);
-                st.expires = Some((tok.expires_at, wall));
+                st.expires = Some(tok.expires_at);
                 self.books.settle(&mut st);
                 self.schedule(&entry, &mut st, later(sent.instant, plan.refresh_after));
                 replaced
@@ -578,25 +574,44 @@ impl TokenCache {
         Ok(tok)
     }
 
-    /// A buffer of a replaced answer to write the next one into, if one is spare.
-    fn spare_buffer(&self) -> Option<Bytes> {
-        let mut spare = self.spare_buffers.lock().unwrap_or_else(|p| p.into_inner());
-        spare.pop().map(BytesMut::freeze)
+    /// A token for `answer`, written into a replaced one when one is spare.
+    fn new_token(
+        &self,
+        answer: &protocol::ValidTokenAnswer<'_>,
+        expires_at: Instant,
+        min_life: Duration,
+    ) -> Arc<CachedToken> {
+        let spare = self.spare_tokens().pop();
+        if let Some(mut tok) = spare {
+            // Only tokens nothing else held went into the pool, and nothing can have
+            // cloned one since.
+            if let Some(t) = Arc::get_mut(&mut tok) {
+                let previous = std::mem::take(&mut t.body);
+                t.renew(answer.to_bytes(Some(previous)), expires_at, min_life);
+                return tok;
+            }
+        }
+        Arc::new(CachedToken::new(
+            answer.to_bytes(None),
+            expires_at,
+            min_life,
+        ))
     }
 
-    /// Keeps a replaced answer's buffer for the next refresh, once nothing reads it.
-    /// Freeing each 2 KB answer and allocating its successor elsewhere leaves holes that
-    /// small allocations split, until tens of MB of heap are unusable (BENCHMARKS.md, P5).
-    fn recycle(&self, old: Arc<CachedToken>) {
-        let Ok(old) = Arc::try_unwrap(old) else {
+    fn spare_tokens(&self) -> MutexGuard<'_, Vec<Arc<CachedToken>>> {
+        self.spare_tokens.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps a replaced token for the next refresh, once nothing reads it. Freeing each
+    /// token and allocating its successor elsewhere leaves holes that other allocations
+    /// split, until tens of MB of heap are unusable (BENCHMARKS.md, P5).
+    fn recycle(&self, mut old: Arc<CachedToken>) {
+        if Arc::get_mut(&mut old).is_none() {
             return;
-        };
-        let Ok(buf) = old.body.try_into_mut() else {
-            return;
-        };
-        let mut spare = self.spare_buffers.lock().unwrap_or_else(|p| p.into_inner());
-        if spare.len() < SPARE_BUFFERS {
-            spare.push(buf);
+        }
+        let mut spare = self.spare_tokens();
+        if spare.len() < SPARE_TOKENS {
+            spare.push(old);
         }
     }
 
@@ -662,7 +677,7 @@ impl TokenCache {
             consecutive, retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
             "token refresh failed");
         st.inflight = None;
-        if st.expires.is_some_and(|(at, _)| at <= Instant::now()) {
+        if st.expires.is_some_and(|at| at <= Instant::now()) {
             // Never servable again: free it rather than keep it until a refresh succeeds.
             entry.token.store(None);
             st.expires = None;
@@ -735,7 +750,7 @@ impl TokenCache {
             return Some(f.clone());
         }
         let now = Instant::now();
-        let has_token = st.expires.is_some_and(|(at, _)| at > now);
+        let has_token = st.expires.is_some_and(|at| at > now);
         let backing_off = st.failure.as_ref().is_some_and(|f| f.retry_at > now);
         if has_token || backing_off {
             return None;
@@ -855,11 +870,12 @@ impl TokenCache {
     pub fn snapshot(&self) -> Snapshot {
         let now = Instant::now();
         let counts = self.books.counts.lock().unwrap_or_else(|p| p.into_inner());
+        // The second under way may still hold live tokens: it is the first one looked at.
         let min_remaining = counts
             .expiries
-            .range((std::ops::Bound::Excluded(now), std::ops::Bound::Unbounded))
+            .range(ExpirySecond::of(now)..)
             .next()
-            .map(|(at, _)| Duration::from_secs(at.saturating_duration_since(now).as_secs()));
+            .map(|(second, _)| Duration::from_secs(second.remaining_from(now).as_secs()));
         Snapshot {
             accounts_by_state: KeyState::ALL
                 .iter()
@@ -912,15 +928,15 @@ mod tests {
     fn store_token(cache: &Arc<TokenCache>, entry: &Arc<KeyEntry>, life: Duration) {
         let mut st = entry.lock();
         let expires_at = Instant::now() + life;
-        entry.token.store(Some(Arc::new(CachedToken {
-            body: Bytes::from_static(BODY),
+        entry.token.store(Some(Arc::new(CachedToken::new(
+            Bytes::from_static(BODY),
             expires_at,
-            min_life: Duration::from_secs(60),
-        })));
+            Duration::from_secs(60),
+        ))));
         st.used = true;
         st.inflight = None;
         st.failure = None;
-        st.expires = Some((expires_at, SystemTime::now() + life));
+        st.expires = Some(expires_at);
         cache.books.settle(&mut st);
         cache.schedule(entry, &mut st, expires_at);
         st.wake();
@@ -1264,11 +1280,11 @@ mod tests {
         entry: &Arc<KeyEntry>,
         released: tokio::sync::oneshot::Receiver<()>,
     ) -> Flight {
-        let answer = Arc::new(CachedToken {
-            body: Bytes::from_static(BODY),
-            expires_at: Instant::now() + Duration::from_secs(3600),
-            min_life: Duration::from_secs(60),
-        });
+        let answer = Arc::new(CachedToken::new(
+            Bytes::from_static(BODY),
+            Instant::now() + Duration::from_secs(3600),
+            Duration::from_secs(60),
+        ));
         let mut st = entry.lock();
         st.used = true;
         cache.spawn_flight(entry, &mut st, None, async move {
