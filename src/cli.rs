@@ -231,6 +231,10 @@ pub struct ServeArgs {
     /// A forced refresh (admin API) starts a new call for a credential set at most this often.
     #[arg(long, default_value = "10s", value_parser = duration, env = "EE_AUTH_FORCED_REFRESH_INTERVAL")]
     pub forced_refresh_interval: Duration,
+    /// How often accounts waiting for a refresh token (needs consent, invalid_grant) look
+    /// for one stored by `consent`.
+    #[arg(long, default_value = "10s", value_parser = duration_in(millis(100), secs(3600)), env = "EE_AUTH_CONSENT_POLL_INTERVAL")]
+    pub consent_poll_interval: Duration,
 }
 
 /// `token` flags.
@@ -315,6 +319,7 @@ impl ServeArgs {
             ));
         }
         o.forced_refresh_interval = self.forced_refresh_interval;
+        o.consent_poll_interval = self.consent_poll_interval;
         Ok(o)
     }
 }

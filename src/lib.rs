@@ -24,6 +24,7 @@ pub mod files;
 pub mod limits;
 pub mod metrics;
 pub mod options;
+pub mod pickup;
 pub mod priority;
 pub mod protocol;
 pub mod provider;

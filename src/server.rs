@@ -558,11 +558,12 @@ struct Page {
 }
 
 /// The values `state=` takes.
-const STATES: [&str; 5] = [
+const STATES: [&str; 6] = [
     "ok",
     "refreshing",
     "failing_transient",
     "failed_permanent",
+    "needs_consent",
     "idle",
 ];
 
@@ -597,7 +598,7 @@ impl Page {
                         ServeError::InvalidParameter {
                             name: "state",
                             expected:
-                                "one of ok, refreshing, failing_transient, failed_permanent, idle",
+                                "one of ok, refreshing, failing_transient, failed_permanent, needs_consent, idle",
                         },
                     )?);
                 }

@@ -30,7 +30,7 @@ const LEAVES: &[&str] = &[
 const LAYERS: &[&[&str]] = &[
     &["cli"],
     &["sidecar"],
-    &["server", "reload"],
+    &["server", "reload", "pickup"],
     &["shared", "error"],
     &["options"],
     &["cache"],
