@@ -18,6 +18,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod connections;
+pub mod consent;
 pub mod credentials;
 pub mod error;
 pub mod files;

@@ -34,6 +34,7 @@ const LAYERS: &[&[&str]] = &[
     &["shared", "error"],
     &["options"],
     &["cache"],
+    &["consent"],
     &["upstream"],
     &["config"],
     &["provider"],

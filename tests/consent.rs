@@ -161,3 +161,210 @@ async fn a_revoked_account_takes_a_re_consented_token_from_the_store_while_runni
     assert_eq!(a.status, 200, "{}", a.body);
     sc.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// `consent`: the device flow
+
+use common::authz::{DeviceStep, MockAuthz};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ee-auth-sidecar");
+const OWNER: &str = "owner@example.com";
+
+/// A config of one account `c` (user [`OWNER`]) waiting for consent at `authz`.
+fn consent_config(dir: &Path, authz: &MockAuthz) -> std::path::PathBuf {
+    write_config(
+        dir,
+        &json!({
+            "providers": { "as": authz.provider() },
+            "accounts": { "c": { "user": OWNER, "provider": "as", "scopes": ["mail.read", "mail.send"] } },
+        }),
+    )
+}
+
+/// Runs `ee-auth-sidecar consent` (off the test's runtime: the mock answers meanwhile).
+async fn run_consent(config: &Path, state: &Path, extra: &[&str]) -> Output {
+    let mut args: Vec<String> = vec![
+        "consent".into(),
+        "--config".into(),
+        config.display().to_string(),
+        "--state-dir".into(),
+        state.display().to_string(),
+        "c".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args(&args)
+            .env_clear()
+            .output()
+            .expect("binary runs")
+    })
+    .await
+    .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Nothing secret the mock handed out appears in `out`.
+fn assert_no_secret(out: &str, authz: &MockAuthz) {
+    for secret in [
+        "device-code-secret",
+        "auth-code-secret",
+        "rt-consented",
+        "at-consent",
+        "consent-client-secret",
+    ] {
+        assert!(!out.contains(secret), "`{secret}` printed:\n{out}");
+    }
+    let id_token = common::authz::id_token(&authz.with(|s| s.signed_in.clone()));
+    assert!(!out.contains(&id_token[..20]), "id_token printed:\n{out}");
+}
+
+/// Serves account `c` from `state` (in-process sidecar) and returns its answer.
+async fn served_from(config: &Path, state: &Path) -> Answer {
+    let mut o = test_options(config);
+    o.state_dir = Some(state.to_owned());
+    let sc = start(o).await.unwrap();
+    let a = ask(&client(), sc.local_addr, "account=c&proto=imap", None).await;
+    sc.shutdown().await;
+    a
+}
+
+#[tokio::test]
+async fn device_consent_prints_the_code_stores_the_token_and_the_sidecar_serves_it() {
+    let authz = MockAuthz::start(OWNER).await;
+    authz.with(|s| s.script = [DeviceStep::Pending].into());
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = consent_config(dir.path(), &authz);
+    let out = run_consent(&config, &state, &["--flow", "device"]).await;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("WDJB-MJHT"), "{stdout}");
+    assert!(stdout.contains("http://mock.example/device"), "{stdout}");
+    assert_no_secret(&format!("{stdout}{stderr}"), &authz);
+    // Exactly the account's scopes plus what identifies the user.
+    let asked = authz.with(|s| s.device_requests[0]["scope"].clone());
+    assert_eq!(asked, "mail.read mail.send openid email");
+    assert_eq!(
+        authz.with(|s| s.polls.len()),
+        2,
+        "one pending, then the tokens"
+    );
+
+    let a = served_from(&config, &state).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(a.token().starts_with("at-refreshed-"), "{}", a.body);
+}
+
+#[tokio::test]
+async fn a_wrong_user_is_refused_unless_accepted() {
+    let authz = MockAuthz::start("mallory@example.com").await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = consent_config(dir.path(), &authz);
+    let out = run_consent(&config, &state, &["--flow", "device"]).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("signed in as `mallory@example.com`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--accept-user"), "{stderr}");
+    let stored = std::fs::read_dir(state.join("refresh-tokens"))
+        .unwrap()
+        .count();
+    assert_eq!(stored, 0, "nothing stored");
+    assert_eq!(served_from(&config, &state).await.status, 403);
+
+    let out = run_consent(&config, &state, &["--flow", "device", "--accept-user"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(served_from(&config, &state).await.status, 200);
+}
+
+#[tokio::test]
+async fn an_expired_or_declined_device_code_ends_with_a_clear_message() {
+    let authz = MockAuthz::start(OWNER).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = consent_config(dir.path(), &authz);
+    for (step, says) in [
+        (DeviceStep::Expired, "expired"),
+        (DeviceStep::Denied, "declined"),
+    ] {
+        authz.with(|s| s.script = [DeviceStep::Pending, step].into());
+        let out = run_consent(&config, &state, &[]).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+        assert!(
+            stderr.contains("nothing was stored") || stderr.contains("run `consent` again"),
+            "{stderr}"
+        );
+    }
+    assert_eq!(served_from(&config, &state).await.status, 403);
+}
+
+/// The polling rules, on the paused clock: `interval`, `slow_down` adds 5 s for good,
+/// `authorization_pending` waits on, and the code's expiry ends the wait.
+#[tokio::test(start_paused = true)]
+async fn device_polling_honours_interval_slow_down_and_expiry() {
+    use ee_auth_sidecar::consent::{device_flow, ConsentError, Target};
+    let authz = MockAuthz::start(OWNER).await;
+    authz.with(|s| {
+        s.interval = 5;
+        s.script = [
+            DeviceStep::Pending,
+            DeviceStep::SlowDown,
+            DeviceStep::Pending,
+        ]
+        .into();
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = consent_config(dir.path(), &authz);
+    let config = {
+        let _frozen = freeze();
+        ee_auth_sidecar::config::load(&path).unwrap()
+    };
+    let target = Target::of(config.account("c").unwrap(), None).unwrap();
+    let http = ee_auth_sidecar::upstream::http_client(Duration::from_secs(30)).unwrap();
+    let started = tokio::time::Instant::now();
+    let mut prompt = None;
+    let got = device_flow(&http, &target, |p| prompt = Some(p.clone())).await;
+    assert!(got.is_ok());
+    assert_eq!(prompt.unwrap().user_code, "WDJB-MJHT");
+    let polls = authz.with(|s| s.polls.clone());
+    let gaps: Vec<u64> = std::iter::once(started)
+        .chain(polls.iter().copied())
+        .collect::<Vec<_>>()
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs())
+        .collect();
+    assert_eq!(
+        gaps,
+        vec![5, 5, 10, 10],
+        "pending, slow_down (+5 s), pending, approved"
+    );
+
+    // Never approved: the code's lifetime ends the wait, without polling past it.
+    authz.with(|s| {
+        s.polls.clear();
+        s.expires_in = 30;
+        s.after_script = Some(DeviceStep::Pending);
+    });
+    let started = tokio::time::Instant::now();
+    let got = device_flow(&http, &target, |_| {}).await;
+    assert!(
+        matches!(got, Err(ConsentError::Expired(_))),
+        "{:?}",
+        got.err()
+    );
+    let polls = authz.with(|s| s.polls.clone());
+    assert_eq!(polls.len(), 6, "every 5 s for 30 s");
+    assert!(polls
+        .iter()
+        .all(|p| *p - started <= Duration::from_secs(30)));
+}
