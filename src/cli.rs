@@ -561,6 +561,15 @@ pub async fn token(args: &TokenArgs) -> i32 {
 /// code (2: bad use, nothing asked; 1: the consent failed, nothing stored).
 pub async fn consent(args: &ConsentArgs) -> i32 {
     use crate::consent::{self, Target};
+    // A closed stdout (piped into `head`) must not end the sign-in half way.
+    macro_rules! say {
+        ($($t:tt)*) => {{
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, $($t)*);
+            let _ = out.flush();
+        }};
+    }
     let proto = args.proto.as_deref().and_then(Proto::parse);
     let config = match config::load(&args.config) {
         Ok(c) => c,
@@ -609,7 +618,7 @@ pub async fn consent(args: &ConsentArgs) -> i32 {
         Some(FlowArg::Browser) => crate::provider::ConsentFlow::Browser,
         None => target.client.default_flow,
     };
-    println!(
+    say!(
         "consent for `{}` ({}), provider `{}`, scopes: {}",
         target.account,
         target.user,
@@ -619,25 +628,25 @@ pub async fn consent(args: &ConsentArgs) -> i32 {
     let got = match flow {
         crate::provider::ConsentFlow::Device => {
             consent::device_flow(&http, &target, |p| {
-                println!(
+                say!(
                     "ask {} to open {} and enter the code {} (valid for {})",
                     target.user,
                     p.verification_uri,
                     p.user_code,
                     humantime::format_duration(p.expires_in)
                 );
-                println!("waiting for the sign-in…");
+                say!("waiting for the sign-in…");
             })
             .await
         }
         crate::provider::ConsentFlow::Browser => {
             consent::browser_flow(&http, &target, args.redirect_port, args.timeout, |url| {
-                println!(
+                say!(
                     "open this URL in a browser on this machine and sign in as {}:",
                     target.user
                 );
-                println!("{url}");
-                println!("waiting for the sign-in…");
+                say!("{url}");
+                say!("waiting for the sign-in…");
             })
             .await
         }
@@ -659,7 +668,7 @@ pub async fn consent(args: &ConsentArgs) -> i32 {
             1
         }
         Ok(signed_in) => {
-            println!(
+            say!(
                 "stored a refresh token for `{}` (signed in as {}) in {}; a running sidecar uses it within --consent-poll-interval",
                 target.account,
                 signed_in.as_deref().unwrap_or("an identity not checked: --accept-user"),

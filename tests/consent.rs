@@ -368,3 +368,165 @@ async fn device_polling_honours_interval_slow_down_and_expiry() {
         .iter()
         .all(|p| *p - started <= Duration::from_secs(30)));
 }
+
+// ---------------------------------------------------------------------------------------
+// `consent`: the browser flow
+
+/// A `consent --flow browser` run: the child, and the URL it printed to open.
+struct BrowserRun {
+    child: tokio::process::Child,
+    url: String,
+    /// The rest of its stdout, read on (a closed pipe would end the child).
+    rest: tokio::task::JoinHandle<String>,
+}
+
+async fn start_browser_consent(
+    authz: &MockAuthz,
+    config: &Path,
+    state: &Path,
+    extra: &[&str],
+) -> BrowserRun {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("consent")
+        .arg("--config")
+        .arg(config)
+        .arg("--state-dir")
+        .arg(state)
+        .args(["c", "--flow", "browser"])
+        .args(extra)
+        .env_clear()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            assert_no_secret(&line, authz);
+            if line.starts_with("http://") {
+                return line;
+            }
+        }
+        panic!("no URL printed");
+    })
+    .await
+    .expect("the URL is printed at once");
+    let rest = tokio::spawn(async move {
+        let mut out = String::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out
+    });
+    BrowserRun { child, url, rest }
+}
+
+/// Plays the browser: opens the URL (the mock authorization endpoint signs the user in
+/// and redirects) and follows the redirect to the consent's listener.
+async fn play_browser(url: &str) -> (u16, String) {
+    let c = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = c.get(url).send().await.unwrap();
+    assert_eq!(r.status(), 302, "{}", r.text().await.unwrap_or_default());
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(location.starts_with("http://127.0.0.1:"), "{location}");
+    let r = c.get(&location).send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+async fn finish(run: BrowserRun) -> (Option<i32>, String) {
+    let out = tokio::time::timeout(Duration::from_secs(30), run.child.wait_with_output())
+        .await
+        .expect("consent exits")
+        .unwrap();
+    let stdout = run.rest.await.unwrap();
+    (out.status.code(), format!("{stdout}{}", text(&out.stderr)))
+}
+
+#[tokio::test]
+async fn browser_consent_with_pkce_stores_the_token_and_the_sidecar_serves_it() {
+    let authz = MockAuthz::start(OWNER).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = consent_config(dir.path(), &authz);
+    let run = start_browser_consent(&authz, &config, &state, &[]).await;
+    assert!(
+        run.url.starts_with(&authz.url("/authorize?")),
+        "{}",
+        run.url
+    );
+    let (status, page) = play_browser(&run.url).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(!page.contains("auth-code-secret"), "{page}");
+    let (code, out) = finish(run).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert_no_secret(&out, &authz);
+    assert!(
+        authz.with(|s| s.refusals.is_empty()),
+        "{:?}",
+        authz.with(|s| s.refusals.clone())
+    );
+    let asked = authz.with(|s| s.authorize_requests[0].clone());
+    assert_eq!(asked["scope"], "mail.read mail.send openid email");
+    assert_eq!(asked["code_challenge_method"], "S256");
+    let a = served_from(&config, &state).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+}
+
+#[tokio::test]
+async fn a_forged_state_or_a_wrong_verifier_is_refused_and_nothing_is_stored() {
+    let authz = MockAuthz::start(OWNER).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = consent_config(dir.path(), &authz);
+
+    authz.with(|s| s.tamper_state = Some("forged-state-0123456789".into()));
+    let run = start_browser_consent(&authz, &config, &state, &[]).await;
+    let (status, page) = play_browser(&run.url).await;
+    assert_eq!(status, 400, "{page}");
+    let (code, out) = finish(run).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("state"), "{out}");
+    assert_eq!(
+        authz.with(|s| s.token_requests.len()),
+        0,
+        "the code was not redeemed"
+    );
+
+    authz.with(|s| {
+        s.tamper_state = None;
+        s.tamper_challenge = true;
+    });
+    let run = start_browser_consent(&authz, &config, &state, &[]).await;
+    play_browser(&run.url).await;
+    let (code, out) = finish(run).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("invalid_grant"), "{out}");
+    assert_eq!(
+        served_from(&config, &state).await.status,
+        403,
+        "nothing stored"
+    );
+}
+
+#[tokio::test]
+async fn a_browser_sign_in_that_never_comes_gives_up_with_a_clear_message() {
+    let authz = MockAuthz::start(OWNER).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = consent_config(dir.path(), &authz);
+    let run = start_browser_consent(
+        &authz,
+        &config,
+        &dir.path().join("state"),
+        &["--timeout", "10s"],
+    )
+    .await;
+    let (code, out) = finish(run).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("did not finish within 10s"), "{out}");
+}

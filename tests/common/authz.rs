@@ -49,6 +49,8 @@ pub struct AuthzState {
     pub tamper_state: Option<String>,
     /// Leave the id_token out of token answers.
     pub no_id_token: bool,
+    /// Remember another PKCE challenge than the one sent (so the verifier will not match).
+    pub tamper_challenge: bool,
     device_codes: HashSet<String>,
     /// Authorization code -> (PKCE challenge, redirect_uri).
     codes: HashMap<String, (String, String)>,
@@ -226,8 +228,13 @@ async fn handle(
             }
             s.counter += 1;
             let code = format!("auth-code-secret-{}", s.counter);
+            let challenge = if s.tamper_challenge {
+                b64(&[0u8; 32])
+            } else {
+                get("code_challenge")
+            };
             s.codes
-                .insert(code.clone(), (get("code_challenge"), get("redirect_uri")));
+                .insert(code.clone(), (challenge, get("redirect_uri")));
             let state = s.tamper_state.clone().unwrap_or_else(|| get("state"));
             let location = format!(
                 "{}?{}",
