@@ -67,7 +67,7 @@ pub async fn poll(sidecar: Arc<Sidecar>, interval: Duration, mut shutdown: watch
 }
 
 /// Refreshes every credential set of `account` now, in the background.
-fn refresh(sidecar: &Arc<Sidecar>, account: &Arc<str>) {
+pub fn refresh(sidecar: &Arc<Sidecar>, account: &Arc<str>) {
     let entries: Vec<_> = {
         let routes = sidecar.routes();
         let (Some(route), Some(config_account)) =

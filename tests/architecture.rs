@@ -30,7 +30,9 @@ const LEAVES: &[&str] = &[
 const LAYERS: &[&[&str]] = &[
     &["cli"],
     &["sidecar"],
-    &["server", "reload", "pickup"],
+    &["server", "reload"],
+    &["ui"],
+    &["pickup"],
     &["shared", "error"],
     &["options"],
     &["cache"],
