@@ -376,10 +376,16 @@ pub fn check(config_path: &std::path::Path) -> i32 {
             let mut per_provider: std::collections::BTreeMap<(String, &'static str), usize> =
                 Default::default();
             let mut fixed = 0;
+            let mut waiting = 0;
             for a in c.accounts.values() {
                 match &a.kind {
                     AccountKind::Fixed(_) => fixed += 1,
                     AccountKind::OAuth(o) => {
+                        let no_token = |s: &&std::sync::Arc<config::CredentialSet>| {
+                            s.grant == crate::credentials::Grant::RefreshToken
+                                && s.refresh_token.is_none()
+                        };
+                        waiting += usize::from(o.sets().iter().any(no_token));
                         // An account counts once under each provider and grant it uses
                         // (per-protocol overrides may add a second one).
                         let mut used: Vec<(String, &'static str)> = o
@@ -410,6 +416,9 @@ pub fn check(config_path: &std::path::Path) -> i32 {
             }
             if fixed > 0 {
                 println!("  password or static-token accounts: {fixed}");
+            }
+            if waiting > 0 {
+                println!("  accounts without refreshToken (their token comes from `consent` via the state store): {waiting}");
             }
             if !c.secret_files.is_empty() {
                 println!("  secret files read: {}", c.secret_files.len());

@@ -33,7 +33,8 @@ pub type ListFn = fn(Arc<Sidecar>, String) -> BoxFuture<'static, Result<Bytes, S
 /// Accounts per page by default, and at most.
 const PAGE: usize = 50;
 const MAX_PAGE: usize = 500;
-/// Sign-ins kept (under way or finished) at most; the oldest finished ones go first.
+/// Sign-ins under way at most, and kept (finished ones) at most; the oldest finished
+/// ones go first.
 const MAX_SIGN_INS: usize = 64;
 /// The largest form body read.
 const MAX_FORM_BYTES: usize = 4096;
@@ -211,7 +212,13 @@ async fn handle_inner(
                     ));
                 }
             };
-            start_sign_in(sidecar, ui, target);
+            if !start_sign_in(sidecar, ui, target) {
+                let text = "<p>As many sign-ins as the page keeps are under way; try again when one has finished.</p>";
+                return Ok(html(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &page("Busy", text, None),
+                ));
+            }
             let location = format!("/ui/consent?account={}", url_component(&id));
             let mut resp = html(StatusCode::SEE_OTHER, "");
             if let Ok(v) = HeaderValue::from_str(&location) {
@@ -257,12 +264,20 @@ async fn handle_inner(
 }
 
 /// Starts the device sign-in of `target` in the background, unless one is under way.
-fn start_sign_in(sidecar: &Arc<Sidecar>, ui: &Arc<Ui>, target: Target) {
-    if matches!(
-        ui.sign_in(&target.account),
-        Some(SignIn::Starting | SignIn::Waiting(_))
-    ) {
-        return;
+/// False when [`MAX_SIGN_INS`] are under way already.
+fn start_sign_in(sidecar: &Arc<Sidecar>, ui: &Arc<Ui>, target: Target) -> bool {
+    {
+        let all = ui.sign_ins();
+        let under_way = |s: &SignIn| matches!(s, SignIn::Starting | SignIn::Waiting(_));
+        if all
+            .iter()
+            .any(|(a, s)| *a == target.account && under_way(s))
+        {
+            return true;
+        }
+        if all.iter().filter(|(_, s)| under_way(s)).count() >= MAX_SIGN_INS {
+            return false;
+        }
     }
     ui.set(&target.account, SignIn::Starting);
     let (sidecar, ui) = (sidecar.clone(), ui.clone());
@@ -299,6 +314,7 @@ fn start_sign_in(sidecar: &Arc<Sidecar>, ui: &Arc<Ui>, target: Target) {
             }
         }
     });
+    true
 }
 
 /// How the page names a credential set's state.
@@ -378,7 +394,10 @@ fn render_list(listing: &Value, state: Option<&str>, limit: usize, csrf: &str, u
                 ),
                 None => String::new(),
             };
-            let action = if lbl == "needs consent" && !button_shown {
+            // Also for a refused grant: signing in again is the fix (re-consent).
+            let revoked =
+                lbl == "failed" && set["lastError"]["code"].as_str() == Some("invalid_grant");
+            let action = if (lbl == "needs consent" || revoked) && !button_shown {
                 button_shown = true;
                 match ui.sign_in(id) {
                     Some(SignIn::Starting | SignIn::Waiting(_)) => format!("<a href=\"/ui/consent?account={}\">sign-in under way</a>", esc(&url_component(id))),
