@@ -51,7 +51,10 @@ pub async fn poll(sidecar: Arc<Sidecar>, interval: Duration, mut shutdown: watch
         let Ok(read) = read else { continue };
         for (account, changed) in read {
             match changed {
-                Ok(true) => refresh(&sidecar, &account),
+                Ok(true) if spends_the_stored_token(&sidecar, &account) => {
+                    refresh(&sidecar, &account)
+                }
+                Ok(true) => {}
                 Ok(false) => {
                     // Gone from the config: nobody waits for it any more.
                     if sidecar.routes().route(&account).is_none() {
@@ -64,6 +67,28 @@ pub async fn poll(sidecar: Arc<Sidecar>, interval: Duration, mut shutdown: watch
             }
         }
     }
+}
+
+/// Whether the account's refresh would spend the record just read: not when the config
+/// has a token of another origin (a record of an earlier config token, which loses to
+/// the config and is dropped here). Without this, such a record read again every round
+/// would refresh the account every round with a config token the provider refuses.
+fn spends_the_stored_token(sidecar: &Sidecar, account: &Arc<str>) -> bool {
+    let config = sidecar.config();
+    let Some(AccountKind::OAuth(o)) = config.account(account).map(|a| &a.kind) else {
+        return false;
+    };
+    let Some(set) = o
+        .sets()
+        .into_iter()
+        .find(|s| s.grant == crate::credentials::Grant::RefreshToken)
+    else {
+        return false;
+    };
+    let store = sidecar.token_store();
+    // `current` drops a record the config's token supersedes.
+    let _ = store.current(account, set.refresh_token.as_ref());
+    store.has_token(account)
 }
 
 /// Refreshes every credential set of `account` now, in the background.

@@ -162,6 +162,42 @@ async fn a_revoked_account_takes_a_re_consented_token_from_the_store_while_runni
     sc.shutdown().await;
 }
 
+/// A stale record (of an earlier config token) beside a newer config token that the
+/// provider refuses: the poll re-reads it every round, but it is not the token to spend, so
+/// nothing is sent until something changes.
+#[tokio::test]
+async fn a_stale_record_of_an_older_config_token_does_not_make_the_poll_call_the_provider() {
+    let idp = MockIdp::start().await;
+    idp.with(|s| s.valid_refresh_tokens = Some(["rt-stale".to_owned()].into()));
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    write_record(&state, "old", &sha256_hex("rt-earlier"), "rt-stale");
+    let path = write_config(
+        dir.path(),
+        &config(
+            &idp,
+            json!({ "old": { "user": "old@example.com", "provider": "idp", "refreshToken": "rt-new-but-revoked" } }),
+        ),
+    );
+    let mut o = test_options(&path);
+    o.state_dir = Some(state.clone());
+    o.consent_poll_interval = Duration::from_millis(50);
+    let sc = start(o).await.unwrap();
+    let c = client();
+    let a = ask(&c, sc.local_addr, "account=old", None).await;
+    assert_eq!(
+        (a.status, a.body["code"].as_str()),
+        (403, Some("invalid_grant"))
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        idp.calls(),
+        1,
+        "the config's token was spent once, the stale record never"
+    );
+    sc.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // `consent`: the device flow
 
