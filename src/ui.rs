@@ -168,20 +168,29 @@ async fn handle_inner(
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(PAGE)
                 .clamp(1, MAX_PAGE);
-            let state = query.get("state").filter(|s| !s.is_empty()).cloned();
+            // Only the filters the page offers; anything else lists every account.
+            let state = query
+                .get("state")
+                .filter(|s| FILTERS.iter().any(|(v, _)| v == s))
+                .cloned();
             let mut api = format!("offset={offset}&limit={limit}");
             if let Some(s) = &state {
                 api.push_str("&state=");
                 api.extend(form_urlencoded::byte_serialize(s.as_bytes()));
             }
             let body = list(sidecar.clone(), api).await?;
-            let listing: Value =
-                serde_json::from_slice(&body).map_err(|_| ServeError::ListFailed)?;
             let csrf = ui.csrf(&authorization);
-            Ok(html(
-                StatusCode::OK,
-                &render_list(&listing, state.as_deref(), limit, &csrf, ui),
-            ))
+            // Proportional to the page (up to 500 accounts): off the serving thread too.
+            let ui = ui.clone();
+            let page = tokio::task::spawn_blocking(move || {
+                let listing: Value = serde_json::from_slice(&body).ok()?;
+                Some(render_list(&listing, state.as_deref(), limit, &csrf, &ui))
+            })
+            .await
+            .ok()
+            .flatten()
+            .ok_or(ServeError::ListFailed)?;
+            Ok(html(StatusCode::OK, &page))
         }
         (&Method::POST, "/ui/consent") => {
             let body = Limited::new(req.into_body(), MAX_FORM_BYTES)

@@ -319,7 +319,7 @@ pub fn consent_required() -> ProviderError {
 }
 
 /// What the operator does about an account waiting for consent.
-pub const CONSENT_HINT: &str = "no refresh token yet: the mailbox owner must sign in; run `ee-auth-sidecar consent --config FILE ACCOUNT` (same --state-dir as the sidecar), which stores the token, and the sidecar uses it at once";
+pub const CONSENT_HINT: &str = "no refresh token yet: the mailbox owner must sign in; run `ee-auth-sidecar consent --config FILE --state-dir DIR ACCOUNT` (the sidecar's state directory) or press Start sign-in on the operator page /ui; the sidecar uses the stored token at once";
 
 /// Whether a failure means the account needs a new refresh token from a person.
 pub fn waits_for_a_token(e: &ProviderError) -> bool {
