@@ -1,4 +1,4 @@
-//! The command line: `serve` (default), `check`, `token`, `probe`. Every flag can also
+//! The command line: `serve` (default), `check`, `token`, `consent`, `probe`. Every flag can also
 //! come from an `EE_AUTH_…` environment variable, as containers are usually configured.
 
 use std::net::SocketAddr;
@@ -117,6 +117,8 @@ pub enum Command {
     },
     /// Fetch one token and print the answer EmailEngine would get.
     Token(Box<TokenArgs>),
+    /// Sign the mailbox owner in and store the account's refresh token (consent).
+    Consent(Box<ConsentArgs>),
     /// Exit 0 if a URL answers 2xx (a probe for images without a shell or curl).
     Probe {
         /// The URL, e.g. http://127.0.0.1:8080/readyz
@@ -231,6 +233,10 @@ pub struct ServeArgs {
     /// A forced refresh (admin API) starts a new call for a credential set at most this often.
     #[arg(long, default_value = "10s", value_parser = duration, env = "EE_AUTH_FORCED_REFRESH_INTERVAL")]
     pub forced_refresh_interval: Duration,
+    /// How often accounts waiting for a refresh token (needs consent, invalid_grant) look
+    /// for one stored by `consent`.
+    #[arg(long, default_value = "10s", value_parser = duration_in(millis(100), secs(3600)), env = "EE_AUTH_CONSENT_POLL_INTERVAL")]
+    pub consent_poll_interval: Duration,
 }
 
 /// `token` flags.
@@ -255,6 +261,45 @@ pub struct TokenArgs {
     /// is then thrown away, and the sidecar's next refresh with the old one may fail.
     #[arg(long)]
     pub allow_unpersisted: bool,
+}
+
+/// The consent flows on the command line.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowArg {
+    /// Device authorization (RFC 8628): a URL and a code to send to the mailbox owner.
+    Device,
+    /// Authorization code with PKCE through a browser; the redirect comes to 127.0.0.1.
+    Browser,
+}
+
+/// `consent` flags.
+#[derive(Args, Debug)]
+pub struct ConsentArgs {
+    /// The account map file.
+    #[arg(long, env = "EE_AUTH_CONFIG")]
+    pub config: PathBuf,
+    /// The account id.
+    pub account: String,
+    /// Consent to the scopes of this protocol's credential set only (default: all of the
+    /// account's).
+    #[arg(long, value_parser = ["imap", "smtp", "api"])]
+    pub proto: Option<String>,
+    /// How the owner signs in (default: the provider's; device for Microsoft, browser
+    /// for Google).
+    #[arg(long, value_enum)]
+    pub flow: Option<FlowArg>,
+    /// The sidecar's state directory, where the token is stored.
+    #[arg(long, env = "EE_AUTH_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Store the token even if the person who signed in is not the account's `user`.
+    #[arg(long)]
+    pub accept_user: bool,
+    /// Browser flow: the port of the one-shot redirect listener on 127.0.0.1 (0: any).
+    #[arg(long, default_value = "0")]
+    pub redirect_port: u16,
+    /// Browser flow: how long to wait for the sign-in.
+    #[arg(long, default_value = "10m", value_parser = duration_in(secs(10), secs(3600)))]
+    pub timeout: Duration,
 }
 
 /// Why the `serve` flags do not make [`Options`] (exit 2).
@@ -315,6 +360,7 @@ impl ServeArgs {
             ));
         }
         o.forced_refresh_interval = self.forced_refresh_interval;
+        o.consent_poll_interval = self.consent_poll_interval;
         Ok(o)
     }
 }
@@ -330,10 +376,16 @@ pub fn check(config_path: &std::path::Path) -> i32 {
             let mut per_provider: std::collections::BTreeMap<(String, &'static str), usize> =
                 Default::default();
             let mut fixed = 0;
+            let mut waiting = 0;
             for a in c.accounts.values() {
                 match &a.kind {
                     AccountKind::Fixed(_) => fixed += 1,
                     AccountKind::OAuth(o) => {
+                        let no_token = |s: &&std::sync::Arc<config::CredentialSet>| {
+                            s.grant == crate::credentials::Grant::RefreshToken
+                                && s.refresh_token.is_none()
+                        };
+                        waiting += usize::from(o.sets().iter().any(no_token));
                         // An account counts once under each provider and grant it uses
                         // (per-protocol overrides may add a second one).
                         let mut used: Vec<(String, &'static str)> = o
@@ -364,6 +416,9 @@ pub fn check(config_path: &std::path::Path) -> i32 {
             }
             if fixed > 0 {
                 println!("  password or static-token accounts: {fixed}");
+            }
+            if waiting > 0 {
+                println!("  accounts without refreshToken (their token comes from `consent` via the state store): {waiting}");
             }
             if !c.secret_files.is_empty() {
                 println!("  secret files read: {}", c.secret_files.len());
@@ -509,6 +564,132 @@ pub async fn token(args: &TokenArgs) -> i32 {
         println!("{}", mask_answer(&body));
     }
     0
+}
+
+/// `consent`: signs the mailbox owner in and stores the refresh token; returns the exit
+/// code (2: bad use, nothing asked; 1: the consent failed, nothing stored).
+pub async fn consent(args: &ConsentArgs) -> i32 {
+    use crate::consent::{self, Target};
+    // A closed stdout (piped into `head`) must not end the sign-in half way.
+    macro_rules! say {
+        ($($t:tt)*) => {{
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, $($t)*);
+            let _ = out.flush();
+        }};
+    }
+    let proto = args.proto.as_deref().and_then(Proto::parse);
+    let config = match config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    let Some(account) = config.account(&args.account) else {
+        eprintln!("no account `{}` in {}", args.account, args.config.display());
+        return 1;
+    };
+    let target = match Target::of(account, proto) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let Some(state_dir) = &args.state_dir else {
+        eprintln!("error: consent needs --state-dir DIR (the sidecar's): the refresh token is stored there, and the sidecar takes it from there");
+        return 2;
+    };
+    // Opened before anyone is asked to sign in: a directory in use fails now.
+    let store = match crate::state::TokenStore::open(state_dir) {
+        Ok((s, warnings)) => {
+            for w in warnings {
+                eprintln!("warning: unreadable refresh-token record: {w}");
+            }
+            std::sync::Arc::new(s)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
+    let http = match crate::upstream::http_client(UPSTREAM_TIMEOUT) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("HTTP client: {e}");
+            return 1;
+        }
+    };
+    let flow = match args.flow {
+        Some(FlowArg::Device) => crate::provider::ConsentFlow::Device,
+        Some(FlowArg::Browser) => crate::provider::ConsentFlow::Browser,
+        None => target.client.default_flow,
+    };
+    say!(
+        "consent for `{}` ({}), provider `{}`, scopes: {}",
+        target.account,
+        target.user,
+        target.provider,
+        target.scopes.join(" ")
+    );
+    let got = match flow {
+        crate::provider::ConsentFlow::Device => {
+            consent::device_flow(&http, &target, |p| {
+                say!(
+                    "ask {} to open {} and enter the code {} (valid for {})",
+                    target.user,
+                    p.verification_uri,
+                    p.user_code,
+                    humantime::format_duration(p.expires_in)
+                );
+                say!("waiting for the sign-in…");
+            })
+            .await
+        }
+        crate::provider::ConsentFlow::Browser => {
+            consent::browser_flow(&http, &target, args.redirect_port, args.timeout, |url| {
+                say!(
+                    "open this URL in a browser on this machine and sign in as {}:",
+                    target.user
+                );
+                say!("{url}");
+                say!("waiting for the sign-in…");
+            })
+            .await
+        }
+    };
+    let stored = match got {
+        Ok(c) => consent::store(&store, &target, c, args.accept_user).await,
+        Err(e) => Err(e),
+    };
+    // A write that failed gets one more try, and the directory's lock is released.
+    let lost = store.close().await;
+    match stored {
+        Ok(_) if !lost.is_empty() => {
+            eprintln!(
+                "error: the refresh token of `{}` could not be written to {}: {}",
+                target.account,
+                state_dir.display(),
+                lost[0].1
+            );
+            1
+        }
+        Ok(signed_in) => {
+            say!(
+                "stored a refresh token for `{}` (signed in as {}) in {}; a running sidecar uses it within --consent-poll-interval",
+                target.account,
+                signed_in.as_deref().unwrap_or("an identity not checked: --accept-user"),
+                state_dir.display()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
 }
 
 /// `probe`: 0 if the URL answers 2xx within the timeout, else 1 with one line on stderr

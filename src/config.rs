@@ -738,15 +738,12 @@ fn build_account(
         provider
             .check_grant(grant)
             .map_err(|m| ConfigError::new(format!("{path}.grant"), m.to_string()))?;
-        match (grant, &refresh_token, &raw.refresh_token) {
-            (Grant::RefreshToken, None, None) => {
-                return Err(ConfigError::new(
-                    format!("{path}.refreshToken"),
-                    "required by the refresh_token grant",
-                ))
-            }
-            (Grant::RefreshToken, _, _) => {}
-            (other, _, Some(_)) if proto.is_none() => {
+        // A refresh_token account without `refreshToken` waits for consent: its token
+        // comes from the state store (the `consent` command) and it answers 403
+        // `consent_required` until then.
+        match (grant, &raw.refresh_token) {
+            (Grant::RefreshToken, _) => {}
+            (other, Some(_)) if proto.is_none() => {
                 return Err(ConfigError::new(
                     format!("{path}.refreshToken"),
                     format!("not used by the {} grant; remove it", other.as_str()),
@@ -940,9 +937,19 @@ mod tests {
     }
 
     #[test]
-    fn refresh_grant_needs_a_refresh_token() {
-        let p = paths(parse_str(&format!(
+    fn a_refresh_grant_without_a_refresh_token_waits_for_consent() {
+        let c = parse_str(&format!(
             r#"{{{PROVIDER}, "accounts": {{"x": {{"user": "u", "provider": "idp"}}}}}}"#
+        ))
+        .unwrap();
+        let AccountKind::OAuth(o) = &c.account("x").unwrap().kind else {
+            panic!()
+        };
+        assert_eq!(o.default.grant, Grant::RefreshToken);
+        assert!(o.default.refresh_token.is_none());
+        // An empty one is still a mistake, not a wish to consent.
+        let p = paths(parse_str(&format!(
+            r#"{{{PROVIDER}, "accounts": {{"x": {{"user": "u", "provider": "idp", "refreshToken": ""}}}}}}"#
         )));
         assert_eq!(p, vec!["accounts.x.refreshToken"]);
     }

@@ -9,6 +9,7 @@ use http_body_util::Full;
 use crate::cache::CacheError;
 use crate::metrics::Outcome;
 use crate::protocol::{error_body, QueryError};
+use crate::provider::{ErrorCode, OurCode};
 
 /// Why a request was not answered with a token.
 #[derive(Debug, thiserror::Error)]
@@ -99,12 +100,25 @@ impl ServeError {
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let status = self.status();
         let body = match &self {
+            // Not a refusal by the provider: nobody has consented yet. The hint names the
+            // command that fixes it (EmailEngine shows the body to nobody, operators do).
+            ServeError::Cache(CacheError::Failed { provider, error })
+                if error.code == ErrorCode::Ours(OurCode::ConsentRequired) =>
+            {
+                error_body(
+                    "this account waits for consent: it has no refresh token yet",
+                    Some(&error.code.as_str()),
+                    Some(provider),
+                    error.hint,
+                )
+            }
             ServeError::Cache(CacheError::Failed { provider, error }) => error_body(
                 &self.to_string(),
                 Some(&error.code.as_str()),
                 Some(provider),
+                None,
             ),
-            _ => error_body(&self.to_string(), None, None),
+            _ => error_body(&self.to_string(), None, None, None),
         };
         let mut resp = json_response(status, body);
         let headers = resp.headers_mut();

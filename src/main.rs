@@ -61,6 +61,7 @@ fn main() {
         match cli.command {
             Some(Command::Check { config }) => cli::check(&config),
             Some(Command::Token(args)) => cli::token(&args).await,
+            Some(Command::Consent(args)) => cli::consent(&args).await,
             Some(Command::Probe { url, timeout }) => cli::probe(&url, timeout).await,
             Some(Command::Serve(args)) => serve(*args).await,
             None => serve(cli.serve).await,

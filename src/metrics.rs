@@ -213,7 +213,7 @@ impl Metrics {
         recorder.describe_gauge(
             ACCOUNTS.into(),
             None,
-            "Credential sets by state (ok, refreshing, failing_transient, failed_permanent)."
+            "Credential sets by state (ok, refreshing, failing_transient, failed_permanent, needs_consent)."
                 .into(),
         );
         recorder.describe_gauge(
@@ -372,7 +372,13 @@ impl Metrics {
 
     /// Renders the Prometheus text format, after setting the scrape-time gauges.
     pub fn render(&self, snapshot: &Snapshot) -> String {
-        for state in ["ok", "refreshing", "failing_transient", "failed_permanent"] {
+        for state in [
+            "ok",
+            "refreshing",
+            "failing_transient",
+            "failed_permanent",
+            "needs_consent",
+        ] {
             let n = snapshot
                 .accounts_by_state
                 .iter()

@@ -49,6 +49,10 @@ pub struct Options {
     /// A forced refresh (admin API) of one credential set starts a new upstream call at
     /// most this often.
     pub forced_refresh_interval: Duration,
+    /// How often the accounts waiting for a refresh token (needs consent, or refused
+    /// with `invalid_grant`) look for one in the state store (a consent from another
+    /// process).
+    pub consent_poll_interval: Duration,
 }
 
 impl Options {
@@ -73,6 +77,7 @@ impl Options {
             header_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(15),
             forced_refresh_interval: Duration::from_secs(10),
+            consent_poll_interval: Duration::from_secs(10),
         }
     }
 }

@@ -407,7 +407,12 @@ impl std::io::Write for ByteCounter {
 }
 
 /// A JSON error body `{"error": message, ...}`; callers never put a secret in it.
-pub fn error_body(message: &str, code: Option<&str>, provider: Option<&str>) -> Bytes {
+pub fn error_body(
+    message: &str,
+    code: Option<&str>,
+    provider: Option<&str>,
+    hint: Option<&str>,
+) -> Bytes {
     #[derive(Serialize)]
     struct ErrorBody<'a> {
         error: &'a str,
@@ -415,11 +420,14 @@ pub fn error_body(message: &str, code: Option<&str>, provider: Option<&str>) -> 
         code: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         provider: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        hint: Option<&'a str>,
     }
     to_bytes(&ErrorBody {
         error: message,
         code,
         provider,
+        hint,
     })
 }
 

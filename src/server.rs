@@ -139,6 +139,8 @@ pub async fn serve(
     // Set once shutdown begins: every response from then on says `Connection: close`.
     let draining = Arc::new(AtomicBool::new(false));
     let mut accept_errors = AcceptErrors::default();
+    // The operator page's CSRF key and sign-ins: this server's.
+    let ui = Arc::new(crate::ui::Ui::new());
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -162,13 +164,15 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let sidecar = sidecar.clone();
         let draining = draining.clone();
+        let ui = ui.clone();
         let conn = admitted.conn().clone();
         let service = service_fn(move |req| {
             let sidecar = sidecar.clone();
             let draining = draining.clone();
+            let ui = ui.clone();
             let in_request = conn.request();
             async move {
-                let mut resp = route(&sidecar, req).await;
+                let mut resp = route(&sidecar, &ui, req).await;
                 if resp.status() != StatusCode::UNAUTHORIZED {
                     in_request.trust();
                 }
@@ -309,7 +313,11 @@ impl AcceptErrors {
 }
 
 /// Routes one request.
-async fn route(sidecar: &Arc<Sidecar>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(
+    sidecar: &Arc<Sidecar>,
+    ui: &Arc<crate::ui::Ui>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     if path == sidecar.options().path {
         return token(sidecar, req.method(), req.uri(), req.headers()).await;
@@ -334,6 +342,9 @@ async fn route(sidecar: &Arc<Sidecar>, req: Request<Incoming>) -> Response<Full<
         p if p == "/v1/accounts" || p.starts_with("/v1/accounts/") => admin(sidecar, &req)
             .await
             .unwrap_or_else(ServeError::into_response),
+        p if p == "/ui" || p.starts_with("/ui/") => {
+            crate::ui::handle(sidecar, ui, req, |s, q| Box::pin(admin_list(s, q))).await
+        }
         _ => ServeError::NotFound.into_response(),
     }
 }
@@ -457,25 +468,8 @@ async fn admin(
     };
     match (req.method(), segments.as_slice()) {
         (&Method::GET, []) => {
-            let page = Page::parse(req.uri().query())?;
-            let sidecar = sidecar.clone();
-            // Sorting and rendering every account is proportional to the map (100k
-            // accounts: tens of MB of JSON): done on a thread of its own at nice +10, as
-            // reloads are (BENCHMARKS.md, item 8). It takes each key's lock for a moment,
-            // which a hit never takes: starved, it delays no request served from memory.
-            let building = sidecar.list_build().ok_or(ServeError::ListBusy)?;
-            let (done, rendered) = tokio::sync::oneshot::channel();
-            std::thread::Builder::new()
-                .name("ee-admin-list".into())
-                .spawn(move || {
-                    crate::priority::lower_this_threads_priority();
-                    let body = list(&sidecar, &config, &page);
-                    // Free before answering: a client's next list must find the place.
-                    drop(building);
-                    let _ = done.send(body);
-                })
-                .map_err(|_| ServeError::ListFailed)?;
-            let body = rendered.await.map_err(|_| ServeError::ListFailed)?;
+            let query = req.uri().query().unwrap_or("").to_owned();
+            let body = admin_list(sidecar.clone(), query).await?;
             Ok(json_response(StatusCode::OK, body))
         }
         (&Method::GET, [id]) => {
@@ -546,6 +540,30 @@ async fn admin(
     }
 }
 
+/// `GET /v1/accounts?<query>`'s body (also the operator page's data).
+///
+/// Sorting and rendering every account is proportional to the map (100k accounts: tens
+/// of MB of JSON): done on a thread of its own at nice +10, as reloads are
+/// (BENCHMARKS.md, item 8). It takes each key's lock for a moment, which a hit never
+/// takes: starved, it delays no request served from memory.
+async fn admin_list(sidecar: Arc<Sidecar>, query: String) -> Result<Bytes, ServeError> {
+    let page = Page::parse(Some(&query))?;
+    let config = sidecar.config();
+    let building = sidecar.list_build().ok_or(ServeError::ListBusy)?;
+    let (done, rendered) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("ee-admin-list".into())
+        .spawn(move || {
+            crate::priority::lower_this_threads_priority();
+            let body = list(&sidecar, &config, &page);
+            // Free before answering: a client's next list must find the place.
+            drop(building);
+            let _ = done.send(body);
+        })
+        .map_err(|_| ServeError::ListFailed)?;
+    rendered.await.map_err(|_| ServeError::ListFailed)
+}
+
 /// The largest `limit` the admin list takes.
 const MAX_LIMIT: usize = 1_000_000;
 
@@ -558,11 +576,12 @@ struct Page {
 }
 
 /// The values `state=` takes.
-const STATES: [&str; 5] = [
+const STATES: [&str; 6] = [
     "ok",
     "refreshing",
     "failing_transient",
     "failed_permanent",
+    "needs_consent",
     "idle",
 ];
 
@@ -597,7 +616,7 @@ impl Page {
                         ServeError::InvalidParameter {
                             name: "state",
                             expected:
-                                "one of ok, refreshing, failing_transient, failed_permanent, idle",
+                                "one of ok, refreshing, failing_transient, failed_permanent, needs_consent, idle",
                         },
                     )?);
                 }

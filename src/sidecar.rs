@@ -195,7 +195,10 @@ fn build(
         None => {
             // Only refresh-token grants can rotate; a config of passwords, static
             // tokens and app-only grants loses nothing on restart.
-            if config.credential_sets().any(|s| s.refresh_token.is_some()) {
+            if config
+                .credential_sets()
+                .any(|s| s.grant == Grant::RefreshToken)
+            {
                 tracing::warn!("no --state-dir: rotated refresh tokens are kept in memory only and are LOST on restart; accounts whose provider rotates refresh tokens (Microsoft) will fail once the config's token expires");
             }
             TokenStore::in_memory()
@@ -286,6 +289,12 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         })
     };
     tasks.push(upkeep);
+    // Tokens stored by another process (`consent`) for accounts waiting for one.
+    tasks.push(tokio::spawn(crate::pickup::poll(
+        sidecar.clone(),
+        sidecar.options().consent_poll_interval,
+        shutdown_rx.clone(),
+    )));
 
     // Pre-warm: readiness waits for it (bounded), so traffic starts on a warm cache.
     {

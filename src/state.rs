@@ -307,12 +307,26 @@ impl TokenStore {
         self.records.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The refresh token to spend for `account`, given the config's token. Returns the
-    /// token and the digest of the config token it descends from (pass it to `rotate`).
-    pub fn current(&self, account: &Arc<str>, config_token: &Secret) -> (Secret, [u8; 32]) {
+    /// The refresh token to spend for `account`, given the config's token (if it has
+    /// one). Returns the token and the digest of the config token it descends from (pass
+    /// it to `rotate`; `[0; 32]` without a config token), or `None` when there is neither
+    /// a config token nor a stored one: the account waits for consent.
+    pub fn current(
+        &self,
+        account: &Arc<str>,
+        config_token: Option<&Secret>,
+    ) -> Option<(Secret, [u8; 32])> {
+        let Some(config_token) = config_token else {
+            // Nothing in the config can supersede a stored token (a consented one, or its
+            // rotated descendant).
+            return self
+                .lock()
+                .get(account)
+                .map(|r| (r.token.clone(), r.origin));
+        };
         let origin = config_token.digest();
         let mut records = self.lock();
-        match records.get(account) {
+        Some(match records.get(account) {
             Some(r) if r.origin == origin => (r.token.clone(), origin),
             Some(_) => {
                 // The operator put a new token in the config: it wins over the rotated
@@ -328,7 +342,62 @@ impl TokenStore {
             // No rotation yet: the config's token, with no record (a record per account
             // would cost memory on maps where nothing rotates).
             None => (config_token.clone(), origin),
+        })
+    }
+
+    /// Whether a refresh token is stored for `account` (in memory; no disk access).
+    pub fn has_token(&self, account: &str) -> bool {
+        self.lock().contains_key(account)
+    }
+
+    /// Re-reads `account`'s record from the directory into memory (another process, the
+    /// `consent` command, may have written one); true if that changed the token or its
+    /// origin. A missing or unreadable file changes nothing. Blocking file I/O: call it
+    /// off the serving thread.
+    pub fn reload_record(&self, account: &Arc<str>) -> Result<bool, StateError> {
+        let Some(dir) = &self.dir else {
+            return Ok(false);
+        };
+        let path = dir.join(file_name(account));
+        let (stored_for, rec) = match read_record(&path) {
+            Ok(r) => r,
+            Err(RecordError::Read(crate::files::ReadError::Io(e)))
+                if e.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Ok(false)
+            }
+            Err(RecordError::Read(crate::files::ReadError::Io(source))) => {
+                return Err(StateError::Io { path, source })
+            }
+            Err(why) => {
+                return Err(StateError::Io {
+                    path,
+                    source: std::io::Error::other(why.to_string()),
+                })
+            }
+        };
+        if *stored_for != **account {
+            return Ok(false);
         }
+        let mut records = self.lock();
+        if records
+            .get(account)
+            .is_some_and(|r| r.origin == rec.origin && r.token == rec.token)
+        {
+            return Ok(false);
+        }
+        // The file is the newest version: on disk already, and newer than any write of
+        // an older rotation still queued (`write_in_order` skips those).
+        let version = self.next_version.fetch_add(1, Ordering::Relaxed) + 1;
+        records.insert(
+            account.clone(),
+            Record {
+                version,
+                written: version,
+                ..rec
+            },
+        );
+        Ok(true)
     }
 
     /// Records a rotated refresh token: in memory (it is the one spent next, because the
@@ -782,24 +851,64 @@ mod tests {
             let (store, warnings) = TokenStore::open(dir.path()).unwrap();
             let store = Arc::new(store);
             assert!(warnings.is_empty());
-            let (t, origin) = store.current(&acct, &cfg);
+            let (t, origin) = store.current(&acct, Some(&cfg)).unwrap();
             assert_eq!(t.expose(), "config-rt");
             store
                 .rotate(&acct, origin, Secret::new("rt-2"))
                 .await
                 .unwrap();
-            assert_eq!(store.current(&acct, &cfg).0.expose(), "rt-2");
+            assert_eq!(store.current(&acct, Some(&cfg)).unwrap().0.expose(), "rt-2");
         }
         let (store, _) = TokenStore::open(dir.path()).unwrap();
-        assert_eq!(store.current(&acct, &cfg).0.expose(), "rt-2");
+        assert_eq!(store.current(&acct, Some(&cfg)).unwrap().0.expose(), "rt-2");
         // Operator re-consented: the config's new token wins over the persisted one.
-        let (t, _) = store.current(&acct, &Secret::new("reconsented"));
+        let (t, _) = store
+            .current(&acct, Some(&Secret::new("reconsented")))
+            .unwrap();
         assert_eq!(t.expose(), "reconsented");
 
         let meta = fs::metadata(dir.path().join("refresh-tokens").join(file_name("a"))).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         let meta = fs::metadata(dir.path()).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+    }
+
+    #[tokio::test]
+    async fn without_a_config_token_the_stored_one_is_spent_and_a_record_from_elsewhere_is_reloaded(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let acct: Arc<str> = Arc::from("a");
+        let (store, _) = TokenStore::open(dir.path()).unwrap();
+        let store = Arc::new(store);
+        assert!(store.current(&acct, None).is_none(), "waits for consent");
+        assert!(!store.has_token("a"));
+        assert!(
+            !store.reload_record(&acct).unwrap(),
+            "no file: nothing changes"
+        );
+        // Another process (the `consent` command) writes a record.
+        let tokens = dir.path().join("refresh-tokens");
+        write_record(&tokens, "a", [0; 32], &Secret::new("consented")).unwrap();
+        assert!(store.reload_record(&acct).unwrap());
+        assert!(!store.reload_record(&acct).unwrap(), "read once");
+        assert!(store.has_token("a"));
+        let (t, origin) = store.current(&acct, None).unwrap();
+        assert_eq!((t.expose(), origin), ("consented", [0; 32]));
+        // Its rotation descends from it, and a queued write of it is not redone.
+        store
+            .rotate(&acct, origin, Secret::new("rt-2"))
+            .await
+            .unwrap();
+        assert_eq!(store.current(&acct, None).unwrap().0.expose(), "rt-2");
+        // A config token of another origin wins over it.
+        let cfg = Secret::new("from-config");
+        assert_eq!(
+            store.current(&acct, Some(&cfg)).unwrap().0.expose(),
+            "from-config"
+        );
+        // A record naming another account (a file copied by hand) is not taken.
+        fs::copy(tokens.join(file_name("a")), tokens.join(file_name("b"))).unwrap();
+        assert!(!store.reload_record(&Arc::from("b")).unwrap());
     }
 
     #[tokio::test]

@@ -6,7 +6,8 @@
 //! done: shutdown closes the gate — no call is sent after that — and waits for the
 //! registered ones, naming those still unanswered when its grace runs out.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::config::CredentialSet;
 use crate::credentials::Grant;
 use crate::metrics::Metrics;
-use crate::provider::{ErrorCode, OurCode, ProviderError, TokenGrant, TokenRequest};
+use crate::provider::{ErrorCode, OAuthCode, OurCode, ProviderError, TokenGrant, TokenRequest};
 use crate::state::TokenStore;
 
 /// The HTTP client and the shared limits for token fetches.
@@ -29,6 +30,8 @@ pub struct Upstream {
     calls: Mutex<Calls>,
     /// How many calls are registered, for [`Upstream::drain`] to wait on.
     calls_count: watch::Sender<usize>,
+    /// Accounts that need a new refresh token (`pickup` looks for theirs).
+    awaiting: Arc<Awaiting>,
 }
 
 /// Calls sent to providers and not finished yet; `closing` once shutdown began.
@@ -98,7 +101,13 @@ impl Upstream {
             metrics,
             calls: Mutex::new(Calls::default()),
             calls_count: watch::Sender::new(0),
+            awaiting: Arc::default(),
         }
+    }
+
+    /// The accounts that wait for a refresh token (no token at all, or `invalid_grant`).
+    pub fn awaiting(&self) -> Arc<Awaiting> {
+        self.awaiting.clone()
     }
 
     fn calls_lock(&self) -> std::sync::MutexGuard<'_, Calls> {
@@ -205,7 +214,15 @@ impl Upstream {
             }
             _ => None,
         };
-        self.fetch_locked(set).await
+        let result = self.fetch_locked(set).await;
+        if set.grant == Grant::RefreshToken {
+            match &result {
+                Ok(_) => self.awaiting.remove(&set.key.account),
+                Err(e) if waits_for_a_token(e) => self.awaiting.add(&set.key.account),
+                Err(_) => {}
+            }
+        }
+        result
     }
 
     /// [`Upstream::fetch`] once the account's lock (if its grant needs one) is held.
@@ -214,10 +231,14 @@ impl Upstream {
         set: &CredentialSet,
     ) -> Result<(TokenGrant, SentAt), ProviderError> {
         let account = &set.key.account;
-        let spend = set
-            .refresh_token
-            .as_ref()
-            .map(|config_token| self.store.current(account, config_token));
+        let spend = match set.grant {
+            Grant::RefreshToken => match self.store.current(account, set.refresh_token.as_ref()) {
+                Some(spend) => Some(spend),
+                // Nothing to spend: no call, the account waits for consent.
+                None => return Err(consent_required()),
+            },
+            _ => None,
+        };
         let permit = self
             .cap(&set.provider_name)
             .acquire_owned()
@@ -286,4 +307,110 @@ pub struct SentAt {
     pub instant: tokio::time::Instant,
     /// Wall clock, for status pages.
     pub wall: std::time::SystemTime,
+}
+
+/// What a `refresh_token` fetch answers when there is no refresh token to spend.
+pub fn consent_required() -> ProviderError {
+    ProviderError {
+        class: crate::provider::ErrorClass::Permanent,
+        hint: Some(CONSENT_HINT),
+        ..ProviderError::transient(OurCode::ConsentRequired)
+    }
+}
+
+/// What the operator does about an account waiting for consent.
+pub const CONSENT_HINT: &str = "no refresh token yet: the mailbox owner must sign in; run `ee-auth-sidecar consent --config FILE --state-dir DIR ACCOUNT` (the sidecar's state directory) or press Start sign-in on the operator page /ui; the sidecar uses the stored token at once";
+
+/// Whether a failure means the account needs a new refresh token from a person.
+pub fn waits_for_a_token(e: &ProviderError) -> bool {
+    matches!(
+        e.code,
+        ErrorCode::Ours(OurCode::ConsentRequired) | ErrorCode::Provider(OAuthCode::InvalidGrant)
+    )
+}
+
+/// The accounts waiting for a refresh token, ordered so that rounds can take turns.
+#[derive(Default)]
+pub struct Awaiting {
+    accounts: Mutex<BTreeSet<Arc<str>>>,
+}
+
+impl Awaiting {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<Arc<str>>> {
+        // Single-step updates: a poisoned set is still whole.
+        self.accounts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `account` waits for a token.
+    pub fn add(&self, account: &Arc<str>) {
+        let mut a = self.lock();
+        if !a.contains(account) {
+            a.insert(account.clone());
+        }
+    }
+
+    /// `account` has a working token (a cheap check first: nearly every call is for an
+    /// account that is not waiting).
+    pub fn remove(&self, account: &str) {
+        let mut a = self.lock();
+        if !a.is_empty() {
+            a.remove(account);
+        }
+    }
+
+    /// How many accounts wait.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether none waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Up to `max` waiting accounts after `after` (from the start when `None` or past
+    /// the end), in order.
+    pub fn batch(&self, after: Option<&Arc<str>>, max: usize) -> Vec<Arc<str>> {
+        let a = self.lock();
+        let tail: Vec<Arc<str>> = match after {
+            Some(last) => a
+                .range::<Arc<str>, _>((Bound::Excluded(last), Bound::Unbounded))
+                .take(max)
+                .cloned()
+                .collect(),
+            None => a.iter().take(max).cloned().collect(),
+        };
+        if tail.is_empty() && after.is_some() {
+            return a.iter().take(max).cloned().collect();
+        }
+        tail
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_take_turns_and_wrap_around() {
+        let a = Awaiting::default();
+        for id in ["a", "b", "c", "d", "e"] {
+            a.add(&Arc::from(id));
+        }
+        let first = a.batch(None, 2);
+        assert_eq!(first, vec![Arc::from("a"), Arc::from("b")]);
+        let second = a.batch(first.last(), 2);
+        assert_eq!(second, vec![Arc::from("c"), Arc::from("d")]);
+        let third = a.batch(second.last(), 2);
+        assert_eq!(third, vec![Arc::<str>::from("e")]);
+        // Past the end: from the start again.
+        assert_eq!(a.batch(third.last(), 2), first);
+        a.remove("a");
+        a.remove("zzz");
+        assert_eq!(a.len(), 4);
+        assert_eq!(
+            a.batch(Some(&Arc::from("a")), 1),
+            vec![Arc::<str>::from("b")]
+        );
+    }
 }

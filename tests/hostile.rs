@@ -620,7 +620,7 @@ fn malformed_configs() -> Vec<(&'static str, String, &'static str)> {
         ("empty user (oauth account)", with_account(r#"{"user": "", "provider": "idp", "refreshToken": "r"}"#), "accounts.a.user"),
         ("provider is a number", with_account(r#"{"user": "u", "provider": 1, "refreshToken": "r"}"#), "accounts.a.provider"),
         ("unknown provider", with_account(r#"{"user": "u", "provider": "nope", "refreshToken": "r"}"#), "accounts.a.provider"),
-        ("no refresh token", with_account(r#"{"user": "u", "provider": "idp"}"#), "accounts.a.refreshToken"),
+        // (No `refreshToken` at all is valid since issue 18: the account waits for consent.)
         ("empty refresh token", with_account(r#"{"user": "u", "provider": "idp", "refreshToken": ""}"#), "accounts.a.refreshToken"),
         ("refresh token from an unset env", with_account(r#"{"user": "u", "provider": "idp", "refreshToken": {"env": "EE_AUTH_SURELY_UNSET_VAR"}}"#), "accounts.a.refreshToken"),
         ("refresh token is a number", with_account(r#"{"user": "u", "provider": "idp", "refreshToken": 12}"#), "accounts.a.refreshToken"),

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::schedule::{self, Freshness};
 use crate::config::CredentialSet;
-use crate::provider::{ErrorClass, ProviderError};
+use crate::provider::{ErrorClass, ErrorCode, OurCode, ProviderError};
 
 /// A token as served: the answer serialized once, and its timing.
 #[derive(Debug)]
@@ -153,9 +153,14 @@ impl EntryState {
         if self.inflight.is_some() {
             return KeyState::Refreshing;
         }
-        match self.failure.as_ref().map(|f| f.error.class) {
-            Some(ErrorClass::Permanent) => KeyState::FailedPermanent,
-            Some(ErrorClass::Transient) => KeyState::FailingTransient,
+        match self
+            .failure
+            .as_ref()
+            .map(|f| (f.error.class, &f.error.code))
+        {
+            Some((_, ErrorCode::Ours(OurCode::ConsentRequired))) => KeyState::NeedsConsent,
+            Some((ErrorClass::Permanent, _)) => KeyState::FailedPermanent,
+            Some((ErrorClass::Transient, _)) => KeyState::FailingTransient,
             None => KeyState::Ok,
         }
     }
@@ -219,15 +224,18 @@ pub enum KeyState {
     FailingTransient,
     /// The provider refused the grant; a person must act.
     FailedPermanent,
+    /// No refresh token yet: the mailbox owner must consent (`consent` command).
+    NeedsConsent,
 }
 
 impl KeyState {
     /// Every state, in the order of [`StateCounts`]' table.
-    pub const ALL: [KeyState; 4] = [
+    pub const ALL: [KeyState; 5] = [
         KeyState::Ok,
         KeyState::Refreshing,
         KeyState::FailingTransient,
         KeyState::FailedPermanent,
+        KeyState::NeedsConsent,
     ];
 
     /// The name shown in the admin API and as the metric label.
@@ -237,6 +245,7 @@ impl KeyState {
             KeyState::Refreshing => "refreshing",
             KeyState::FailingTransient => "failing_transient",
             KeyState::FailedPermanent => "failed_permanent",
+            KeyState::NeedsConsent => "needs_consent",
         }
     }
 }
@@ -322,7 +331,7 @@ pub struct KeyStatus {
     pub grant: &'static str,
     /// Scopes.
     pub scopes: Vec<String>,
-    /// ok, refreshing, failing_transient or failed_permanent.
+    /// ok, refreshing, failing_transient, failed_permanent or needs_consent.
     pub state: &'static str,
     /// When the current token expires (RFC 3339), if there is one.
     pub token_expires_at: Option<String>,

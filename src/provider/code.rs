@@ -74,11 +74,14 @@ pub enum OurCode {
     FetchTaskFailed,
     /// Refused because shutdown began; never sent.
     ShuttingDown,
+    /// A refresh_token account with no refresh token anywhere (config or state store):
+    /// it waits for a person to consent. Nothing is sent.
+    ConsentRequired,
 }
 
 impl OurCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [OurCode; 11] = [
+    pub const ALL: [OurCode; 12] = [
         OurCode::Timeout,
         OurCode::ConnectFailed,
         OurCode::ConnectionLost,
@@ -90,6 +93,7 @@ impl OurCode {
         OurCode::SigningFailed,
         OurCode::FetchTaskFailed,
         OurCode::ShuttingDown,
+        OurCode::ConsentRequired,
     ];
 
     /// The code as logged and reported.
@@ -106,6 +110,9 @@ impl OurCode {
             OurCode::SigningFailed => "signing_failed",
             OurCode::FetchTaskFailed => "fetch_task_failed",
             OurCode::ShuttingDown => "shutting_down",
+            // The OpenID Connect code of the same meaning, so that one code means one
+            // thing to whoever reads the 403.
+            OurCode::ConsentRequired => "consent_required",
         }
     }
 }
@@ -232,9 +239,15 @@ mod tests {
                 "signing_failed",
                 "fetch_task_failed",
                 "shutting_down",
+                "consent_required",
             ]
         );
         for c in OurCode::ALL {
+            if c == OurCode::ConsentRequired {
+                // Deliberately the provider code of the same meaning (a person must act).
+                assert_eq!(OAuthCode::parse(c.as_str()), OAuthCode::ConsentRequired);
+                continue;
+            }
             assert_eq!(ErrorCode::Ours(c).as_str(), c.as_str());
             // None is mistaken for a provider code we act on.
             assert!(

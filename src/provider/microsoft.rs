@@ -4,8 +4,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    check_url, classify, post_form, ClientAuth, ErrorClass, ErrorCode, Failure, Grant, GrantError,
-    OAuthCode, OurCode, ProviderError, ScopeError, TokenGrant, TokenRequest,
+    check_url, classify, post_form, ClientAuth, ConsentClient, ConsentFlow, ErrorClass, ErrorCode,
+    Failure, Grant, GrantError, OAuthCode, OurCode, ProviderError, ScopeError, TokenGrant,
+    TokenRequest,
 };
 use crate::credentials::{from_value, ConfigError};
 use crate::protocol::Proto;
@@ -78,6 +79,10 @@ struct Raw {
     cloud: Cloud,
     #[serde(default)]
     token_url: Option<String>,
+    #[serde(default)]
+    device_authorization_url: Option<String>,
+    #[serde(default)]
+    authorize_url: Option<String>,
 }
 
 /// Tenants that name no directory: fine for users signing in, meaningless for an app.
@@ -92,6 +97,8 @@ const PERMANENT_AADSTS: &[u64] = &[
 #[derive(Debug)]
 pub struct Microsoft {
     token_url: String,
+    device_authorization_url: String,
+    authorize_url: String,
     tenant: String,
     cloud: Cloud,
     client_id: String,
@@ -99,7 +106,8 @@ pub struct Microsoft {
 }
 
 impl Microsoft {
-    /// Parses `{"clientId", "clientSecret", "tenant", "cloud", "tokenUrl"?}`.
+    /// Parses `{"clientId", "clientSecret", "tenant", "cloud", "tokenUrl"?,
+    /// "deviceAuthorizationUrl"?, "authorizeUrl"?}`.
     pub fn from_config(
         value: &Value,
         path: &str,
@@ -125,17 +133,49 @@ impl Microsoft {
             ),
         };
         check_url(&token_url, &format!("{path}.tokenUrl"))?;
+        // The sign-in endpoints of the same authority (national clouds included).
+        let endpoint = |given: Option<String>, name: &str, field: &str| {
+            let url = given.unwrap_or_else(|| {
+                format!(
+                    "https://{}/{tenant}/oauth2/v2.0/{name}",
+                    raw.cloud.authority()
+                )
+            });
+            check_url(&url, &format!("{path}.{field}")).map(|()| url)
+        };
+        let device_authorization_url = endpoint(
+            raw.device_authorization_url,
+            "devicecode",
+            "deviceAuthorizationUrl",
+        )?;
+        let authorize_url = endpoint(raw.authorize_url, "authorize", "authorizeUrl")?;
         let client_secret = raw
             .client_secret
             .map(|s| secrets.secret(&s, &format!("{path}.clientSecret")))
             .transpose()?;
         Ok(Microsoft {
             token_url,
+            device_authorization_url,
+            authorize_url,
             tenant,
             cloud: raw.cloud,
             client_id: raw.client_id,
             client_secret,
         })
+    }
+
+    /// How a person signs in to consent (device code by default).
+    pub fn consent_client(&self) -> ConsentClient {
+        ConsentClient {
+            client_id: self.client_id.clone(),
+            client_secret: self.client_secret.clone(),
+            basic_auth: false,
+            token_url: self.token_url.clone(),
+            device_authorization_url: Some(self.device_authorization_url.clone()),
+            authorize_url: Some(self.authorize_url.clone()),
+            default_flow: ConsentFlow::Device,
+            extra_scopes: &["offline_access"],
+        }
     }
 
     /// refresh_token always; client_credentials only for a specific tenant with a secret.
@@ -407,6 +447,48 @@ mod tests {
     }
 
     #[test]
+    fn sign_in_endpoints_follow_the_cloud_and_tenant_unless_given() {
+        let ends = |fields: &str| {
+            let c = provider(fields).consent_client().unwrap();
+            (
+                c.device_authorization_url.unwrap_or_default(),
+                c.authorize_url.unwrap_or_default(),
+            )
+        };
+        let pair = |host: &str, tenant: &str| {
+            (
+                format!("https://{host}/{tenant}/oauth2/v2.0/devicecode"),
+                format!("https://{host}/{tenant}/oauth2/v2.0/authorize"),
+            )
+        };
+        assert_eq!(ends(""), pair("login.microsoftonline.com", "common"));
+        assert_eq!(
+            ends(r#", "tenant": "c.us", "cloud": "gcc-high""#),
+            pair("login.microsoftonline.us", "c.us")
+        );
+        assert_eq!(
+            ends(r#", "tenant": "a.us", "cloud": "dod""#),
+            pair("login.microsoftonline.us", "a.us")
+        );
+        assert_eq!(
+            ends(r#", "tenant": "c.cn", "cloud": "china""#),
+            pair("login.chinacloudapi.cn", "c.cn")
+        );
+        assert_eq!(
+            ends(
+                r#", "deviceAuthorizationUrl": "http://127.0.0.1:9/d", "authorizeUrl": "http://127.0.0.1:9/a""#
+            ),
+            (
+                "http://127.0.0.1:9/d".to_owned(),
+                "http://127.0.0.1:9/a".to_owned()
+            )
+        );
+        let c = provider("").consent_client().unwrap();
+        assert_eq!(c.default_flow, ConsentFlow::Device);
+        assert_eq!(c.extra_scopes, ["offline_access"]);
+    }
+
+    #[test]
     fn default_scopes_follow_the_cloud() {
         let scopes = |fields: &str, grant, proto| provider(fields).default_scopes(grant, proto);
         let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
@@ -455,6 +537,8 @@ mod tests {
     fn outlook_and_graph_scopes_cannot_share_a_token() {
         let m = Microsoft {
             token_url: "https://login.microsoftonline.com/common/oauth2/v2.0/token".into(),
+            device_authorization_url: String::new(),
+            authorize_url: String::new(),
             tenant: "common".into(),
             cloud: Cloud::Global,
             client_id: "c".into(),

@@ -276,6 +276,17 @@ impl Provider {
         }
     }
 
+    /// How a person signs in to give this provider's client a refresh token (`consent`);
+    /// `None` for a provider that needs no person (a service account).
+    pub fn consent_client(&self) -> Option<ConsentClient> {
+        match self {
+            Provider::OAuth2(p) => Some(p.consent_client()),
+            Provider::Microsoft(p) => Some(p.consent_client()),
+            Provider::Google(p) => Some(p.consent_client()),
+            Provider::GoogleServiceAccount(_) => None,
+        }
+    }
+
     /// Fetches one access token.
     pub async fn fetch(
         &self,
@@ -289,6 +300,46 @@ impl Provider {
             Provider::GoogleServiceAccount(p) => p.fetch(http, req).await,
         }
     }
+}
+
+/// How a person signs in to consent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsentFlow {
+    /// Device authorization (RFC 8628): a code typed in on any device.
+    Device,
+    /// Authorization code with PKCE (RFC 7636) through a browser on this machine.
+    Browser,
+}
+
+impl ConsentFlow {
+    /// The name on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsentFlow::Device => "device",
+            ConsentFlow::Browser => "browser",
+        }
+    }
+}
+
+/// A provider's client as the consent flows need it.
+#[derive(Clone, Debug)]
+pub struct ConsentClient {
+    /// The client id.
+    pub client_id: String,
+    /// The client secret, for confidential clients.
+    pub client_secret: Option<Secret>,
+    /// Client authentication with HTTP Basic rather than in the form.
+    pub basic_auth: bool,
+    /// The token endpoint.
+    pub token_url: String,
+    /// The device authorization endpoint, if the provider has one.
+    pub device_authorization_url: Option<String>,
+    /// The authorization endpoint, if the provider has one.
+    pub authorize_url: Option<String>,
+    /// The flow used when none is asked for.
+    pub default_flow: ConsentFlow,
+    /// Scopes this provider needs to issue a refresh token (`offline_access`).
+    pub extra_scopes: &'static [&'static str],
 }
 
 /// The largest token response we read; anything bigger is not a token response.

@@ -4,8 +4,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    check_url, classify, post_form, ClientAuth, ClientAuthMethod, Grant, OurCode, ProviderError,
-    TokenGrant, TokenRequest,
+    check_url, classify, post_form, ClientAuth, ClientAuthMethod, ConsentClient, ConsentFlow,
+    Grant, OurCode, ProviderError, TokenGrant, TokenRequest,
 };
 use crate::credentials::{from_value, ConfigError};
 use crate::secret::{ScopedResolver, Secret, SecretSource};
@@ -19,6 +19,10 @@ struct Raw {
     client_secret: Option<SecretSource>,
     #[serde(default)]
     client_auth: ClientAuthMethod,
+    #[serde(default)]
+    device_authorization_url: Option<String>,
+    #[serde(default)]
+    authorize_url: Option<String>,
 }
 
 /// A generic OAuth2 provider.
@@ -28,10 +32,13 @@ pub struct OAuth2 {
     client_id: String,
     client_secret: Option<Secret>,
     client_auth: ClientAuthMethod,
+    device_authorization_url: Option<String>,
+    authorize_url: Option<String>,
 }
 
 impl OAuth2 {
-    /// Parses `{"tokenUrl", "clientId", "clientSecret", "clientAuth"}`.
+    /// Parses `{"tokenUrl", "clientId", "clientSecret", "clientAuth", "deviceAuthorizationUrl"?,
+    /// "authorizeUrl"?}`.
     pub fn from_config(
         value: &Value,
         path: &str,
@@ -49,12 +56,42 @@ impl OAuth2 {
                 "required with \"clientAuth\": \"basic\"",
             ));
         }
+        for (url, field) in [
+            (&raw.device_authorization_url, "deviceAuthorizationUrl"),
+            (&raw.authorize_url, "authorizeUrl"),
+        ] {
+            if let Some(url) = url {
+                check_url(url, &format!("{path}.{field}"))?;
+            }
+        }
         Ok(OAuth2 {
+            device_authorization_url: raw.device_authorization_url,
+            authorize_url: raw.authorize_url,
             token_url: raw.token_url,
             client_id: raw.client_id,
             client_secret,
             client_auth: raw.client_auth,
         })
+    }
+
+    /// How a person signs in to consent: whichever endpoint is configured (the device
+    /// flow when both are).
+    pub fn consent_client(&self) -> ConsentClient {
+        ConsentClient {
+            client_id: self.client_id.clone(),
+            client_secret: self.client_secret.clone(),
+            basic_auth: self.client_auth == ClientAuthMethod::Basic,
+            token_url: self.token_url.clone(),
+            device_authorization_url: self.device_authorization_url.clone(),
+            authorize_url: self.authorize_url.clone(),
+            default_flow: if self.device_authorization_url.is_none() && self.authorize_url.is_some()
+            {
+                ConsentFlow::Browser
+            } else {
+                ConsentFlow::Device
+            },
+            extra_scopes: &[],
+        }
     }
 
     /// Fetches a token.

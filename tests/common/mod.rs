@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod authz;
+
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
