@@ -123,6 +123,70 @@ pub struct Account {
     pub fingerprint: [u8; 16],
 }
 
+/// The accounts, sorted by id: one pointer each (kept for every account of maps of
+/// 100k), looked up by binary search (requests read the routes, not this).
+#[derive(Debug, Default)]
+pub struct Accounts(Box<[Arc<Account>]>);
+
+/// An account id and its account, as [`Accounts`] iterates them.
+pub type AccountItem<'a> = (&'a Arc<str>, &'a Arc<Account>);
+
+impl Accounts {
+    /// Accounts in any order; of two with one id, the later is kept.
+    pub fn new(mut accounts: Vec<Arc<Account>>) -> Self {
+        accounts.reverse();
+        accounts.sort_by(|a, b| a.id.cmp(&b.id));
+        accounts.dedup_by(|later, earlier| later.id == earlier.id);
+        Accounts(accounts.into_boxed_slice())
+    }
+
+    /// The account with this id.
+    pub fn get(&self, id: &str) -> Option<&Arc<Account>> {
+        let i = self.0.binary_search_by(|a| (*a.id).cmp(id)).ok()?;
+        self.0.get(i)
+    }
+
+    /// Whether an account has this id.
+    pub fn contains_key(&self, id: &str) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// How many accounts.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Ids and accounts, by id.
+    pub fn iter(&self) -> impl Iterator<Item = AccountItem<'_>> {
+        self.0.iter().map(|a| (&a.id, a))
+    }
+
+    /// The ids, sorted.
+    pub fn keys(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.0.iter().map(|a| &a.id)
+    }
+
+    /// The accounts, by id.
+    pub fn values(&self) -> impl Iterator<Item = &Arc<Account>> {
+        self.0.iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a Accounts {
+    type Item = AccountItem<'a>;
+    type IntoIter =
+        std::iter::Map<std::slice::Iter<'a, Arc<Account>>, fn(&'a Arc<Account>) -> AccountItem<'a>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|a| (&a.id, a))
+    }
+}
+
 /// A validated, immutable account map.
 #[derive(Debug)]
 pub struct Config {
@@ -131,7 +195,7 @@ pub struct Config {
     /// Basic credentials for the admin endpoints; `auth` when not set.
     pub admin_auth: Option<BasicCredentials>,
     /// Accounts by id.
-    pub accounts: HashMap<Arc<str>, Arc<Account>>,
+    pub accounts: Accounts,
     /// Provider names with their type, for summaries.
     pub providers: BTreeMap<String, &'static str>,
     /// Secret files the config reads: a change to any of them is a config change.
@@ -361,7 +425,7 @@ pub fn parse(text: &[u8], base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
         .filter(|n| !providers.contains_key(*n))
         .collect();
 
-    let mut accounts = HashMap::with_capacity(raw.accounts.len());
+    let mut accounts = Vec::with_capacity(raw.accounts.len());
     let shared_names = Interner::default();
     for (id, v) in &raw.accounts {
         let path = key_path("accounts", id);
@@ -377,9 +441,7 @@ pub fn parse(text: &[u8], base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
             shared_names: &shared_names,
         };
         match build_account(v, &ctx, &mut resolver) {
-            Ok(a) => {
-                accounts.insert(a.id.clone(), Arc::new(a));
-            }
+            Ok(a) => accounts.push(Arc::new(a)),
             Err(mut e) => errors.append(&mut e),
         }
     }
@@ -395,7 +457,7 @@ pub fn parse(text: &[u8], base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
     Ok(Config {
         auth,
         admin_auth,
-        accounts,
+        accounts: Accounts::new(accounts),
         providers: provider_types,
         secret_files,
         fingerprint,
@@ -905,6 +967,25 @@ mod tests {
             AccountKind::Fixed(b) => assert_eq!(&b[..], br#"{"user":"v","accessToken":"t"}"#),
             _ => panic!(),
         }
+    }
+
+    #[test]
+    fn accounts_are_found_by_id_in_any_order() {
+        let ids = ["m", "a", "zz", "b", "z", "aa"];
+        let json: Vec<String> = ids
+            .iter()
+            .map(|id| format!(r#""{id}": {{"user": "u", "pass": "p"}}"#))
+            .collect();
+        let c = parse_str(&format!(r#"{{"accounts": {{{}}}}}"#, json.join(","))).unwrap();
+        assert_eq!(c.accounts.len(), ids.len());
+        for id in ids {
+            assert_eq!(&*c.accounts.get(id).unwrap().id, id);
+        }
+        for absent in ["", "c", "zzz", "A"] {
+            assert!(!c.accounts.contains_key(absent), "{absent}");
+        }
+        let listed: Vec<&str> = c.accounts.keys().map(|k| &**k).collect();
+        assert_eq!(listed, ["a", "aa", "b", "m", "z", "zz"]);
     }
 
     #[test]

@@ -975,6 +975,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_refresh_queue_forgets_removed_and_retired_entries() {
+        let q = RefreshQueue::new(1);
+        let now = Instant::now();
+        let e: Vec<_> = sets(300).into_iter().map(KeyEntry::new).collect();
+        let ids: Vec<_> = e
+            .iter()
+            .enumerate()
+            .map(|(i, entry)| q.insert(now + Duration::from_secs(i as u64), entry.clone()))
+            .collect();
+        // Most removed (enough to compact the heap), and one entry nobody holds any more.
+        for id in &ids[..250] {
+            q.remove(*id);
+        }
+        let mut e = e;
+        let retired = e.remove(260);
+        let weak = Arc::downgrade(&retired);
+        drop(retired);
+        assert!(
+            weak.upgrade().is_none(),
+            "the queue does not keep an entry alive"
+        );
+        assert_eq!(q.len(), 50);
+        let mut got = Vec::new();
+        while let Ok((id, _)) = q.take_due(now + Duration::from_secs(300)) {
+            got.push(id);
+        }
+        let expected: Vec<_> = ids[250..]
+            .iter()
+            .copied()
+            .filter(|id| *id != ids[260])
+            .collect();
+        assert_eq!(
+            got, expected,
+            "in order, without the removed and the retired"
+        );
+    }
+
+    #[tokio::test]
     async fn an_entry_earlier_than_all_others_wakes_the_queue() {
         let q = RefreshQueue::new(1);
         let e: Vec<_> = sets(2).into_iter().map(KeyEntry::new).collect();
