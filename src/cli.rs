@@ -117,6 +117,9 @@ pub enum Command {
     },
     /// Fetch one token and print the answer EmailEngine would get.
     Token(Box<TokenArgs>),
+    /// Manage the state store.
+    #[command(subcommand)]
+    State(StateCommand),
     /// Exit 0 if a URL answers 2xx (a probe for images without a shell or curl).
     Probe {
         /// The URL, e.g. http://127.0.0.1:8080/readyz
@@ -125,6 +128,93 @@ pub enum Command {
         #[arg(long, default_value = "2s", value_parser = duration_in(millis(100), secs(60)))]
         timeout: Duration,
     },
+}
+
+/// `state` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum StateCommand {
+    /// Copy every record from one state store to another (a directory or a Redis URL),
+    /// refusing while a sidecar holds either; records are re-sealed with --to-key-file.
+    Migrate(Box<MigrateArgs>),
+}
+
+/// `state migrate` flags.
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// The source: a state directory or redis://… / rediss://…
+    #[arg(long)]
+    pub from: String,
+    /// The target: a state directory or redis://… / rediss://…
+    #[arg(long)]
+    pub to: String,
+    /// Keys of the source's records (default: --state-key-file's).
+    #[arg(long)]
+    pub from_key_file: Option<PathBuf>,
+    /// Keys to seal the target's records with (default: --state-key-file's).
+    #[arg(long)]
+    pub to_key_file: Option<PathBuf>,
+    /// Keys of both stores (the sidecar's --state-key-file).
+    #[arg(long, env = "EE_AUTH_STATE_KEY_FILE")]
+    pub state_key_file: Option<PathBuf>,
+    /// Key prefix of the Redis store(s).
+    #[arg(long, default_value = crate::state::DEFAULT_PREFIX, env = "EE_AUTH_STATE_PREFIX")]
+    pub state_prefix: String,
+}
+
+/// Flags that choose the state store (`serve` and `token`).
+#[derive(Args, Debug, Clone)]
+pub struct StateArgs {
+    /// Directory for rotated refresh tokens (without it, or --state, they live in memory
+    /// only). Several processes may share one.
+    #[arg(long, env = "EE_AUTH_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Redis state store instead of --state-dir: redis://[user:pass@]host:port/db or
+    /// rediss://… (EmailEngine's Redis; keys under --state-prefix).
+    #[arg(long, env = "EE_AUTH_STATE", conflicts_with = "state_dir", value_parser = redis_url)]
+    pub state: Option<String>,
+    /// Key prefix in the Redis store.
+    #[arg(long, default_value = crate::state::DEFAULT_PREFIX, env = "EE_AUTH_STATE_PREFIX", value_parser = state_prefix)]
+    pub state_prefix: String,
+    /// Keys that seal the state records (AES-256-GCM): one 32-byte key per line, hex or
+    /// base64, newest first.
+    #[arg(long, env = "EE_AUTH_STATE_KEY_FILE")]
+    pub state_key_file: Option<PathBuf>,
+}
+
+/// Why a `--state` value is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateFlagError {
+    /// Not a Redis URL.
+    #[error("must be a redis://[user:pass@]host:port/db or rediss://… URL (for a directory use --state-dir)")]
+    NotRedis,
+    /// Too long.
+    #[error("longer than 2048 characters")]
+    TooLong,
+    /// A bad prefix.
+    #[error("must be 1 to 64 characters of A-Z a-z 0-9 : _ . -")]
+    Prefix,
+}
+
+fn redis_url(s: &str) -> Result<String, StateFlagError> {
+    if s.len() > 2048 {
+        return Err(StateFlagError::TooLong);
+    }
+    match crate::state::Location::parse(s) {
+        crate::state::Location::Redis(u) => Ok(u),
+        _ => Err(StateFlagError::NotRedis),
+    }
+}
+
+fn state_prefix(s: &str) -> Result<String, StateFlagError> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":_.-".contains(&b));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(StateFlagError::Prefix)
+    }
 }
 
 /// Logging flags.
@@ -162,9 +252,9 @@ pub struct ServeArgs {
     /// Address to listen on; non-loopback needs --allow-remote and `auth`.
     #[arg(long, default_value = "127.0.0.1:8080", env = "EE_AUTH_LISTEN")]
     pub listen: SocketAddr,
-    /// Directory for rotated refresh tokens (without it they live in memory only).
-    #[arg(long, env = "EE_AUTH_STATE_DIR")]
-    pub state_dir: Option<PathBuf>,
+    /// The state store.
+    #[command(flatten)]
+    pub state: StateArgs,
     /// Path of the token endpoint.
     #[arg(long, default_value = "/authentication", env = "EE_AUTH_PATH")]
     pub path: String,
@@ -247,10 +337,10 @@ pub struct TokenArgs {
     /// Print the token instead of a masked form.
     #[arg(long)]
     pub show_token: bool,
-    /// Use (and update) the rotated refresh tokens of this state directory. It is locked
-    /// while in use: a sidecar running on it makes `token` fail (and the other way round).
-    #[arg(long, env = "EE_AUTH_STATE_DIR")]
-    pub state_dir: Option<PathBuf>,
+    /// Use (and update) the rotated refresh tokens of this state store (the sidecar's,
+    /// running or not: the account's lease keeps the two from spending one token).
+    #[command(flatten)]
+    pub state: StateArgs,
     /// Spend a refresh token without --state-dir: a rotating provider's new refresh token
     /// is then thrown away, and the sidecar's next refresh with the old one may fail.
     #[arg(long)]
@@ -280,7 +370,10 @@ impl ServeArgs {
         let config = self.config.ok_or(OptionsError::NoConfig)?;
         let mut o = Options::new(config);
         o.listen = self.listen;
-        o.state_dir = self.state_dir;
+        o.state_dir = self.state.state_dir;
+        o.state = self.state.state;
+        o.state_prefix = self.state.state_prefix;
+        o.state_key_file = self.state.state_key_file;
         if !self.path.starts_with('/') {
             return Err(OptionsError::Path(self.path));
         }
@@ -417,29 +510,22 @@ pub async fn token(args: &TokenArgs) -> i32 {
             let set = o.set_for(proto).clone();
             // Only the refresh_token grant spends something a provider may rotate.
             let spends_refresh_token = set.grant == crate::credentials::Grant::RefreshToken;
-            if spends_refresh_token && args.state_dir.is_none() && !args.allow_unpersisted {
+            let no_store = args.state.state_dir.is_none() && args.state.state.is_none();
+            if spends_refresh_token && no_store && !args.allow_unpersisted {
                 eprintln!(
                     "error: refusing to spend the refresh token of `{}` without --state-dir: a provider that rotates refresh tokens (Microsoft, strict-rotation providers) would revoke the current one and the new one would be lost, so the sidecar's next refresh fails with invalid_grant; pass --state-dir DIR (the sidecar's, while it is stopped) to keep the new token, or --allow-unpersisted if the provider does not rotate",
                     args.account
                 );
                 return 2;
             }
-            // A grant that rotates nothing needs (and locks) no state directory.
-            let state_dir = args.state_dir.as_ref().filter(|_| spends_refresh_token);
-            let store = match state_dir {
-                Some(dir) => match crate::state::TokenStore::open(dir) {
-                    Ok((s, warnings)) => {
-                        for w in warnings {
-                            eprintln!("warning: unreadable refresh-token record: {w}");
-                        }
-                        s
-                    }
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return 1;
-                    }
-                },
-                None => crate::state::TokenStore::in_memory(),
+            // A grant that rotates nothing needs no state store.
+            let store = if spends_refresh_token {
+                match open_state(&args.state).await {
+                    Ok(s) => s,
+                    Err(code) => return code,
+                }
+            } else {
+                crate::state::TokenStore::in_memory()
             };
             let store = std::sync::Arc::new(store);
             let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
@@ -485,7 +571,7 @@ pub async fn token(args: &TokenArgs) -> i32 {
                     eprintln!(
                         "error: the provider rotated the refresh token of `{}` and the new one could not be written to {}: {why}; the previous one is spent, so the account needs re-consent",
                         args.account,
-                        args.state_dir.as_deref().unwrap_or(std::path::Path::new("")).display()
+                        state_location(&args.state).describe()
                     );
                     return 1;
                 }
@@ -509,6 +595,84 @@ pub async fn token(args: &TokenArgs) -> i32 {
         println!("{}", mask_answer(&body));
     }
     0
+}
+
+fn state_location(args: &StateArgs) -> crate::state::Location {
+    match (&args.state, &args.state_dir) {
+        (Some(u), _) => crate::state::Location::Redis(u.clone()),
+        (None, Some(d)) => crate::state::Location::Dir(d.clone()),
+        (None, None) => crate::state::Location::Memory,
+    }
+}
+
+fn load_keys(
+    path: Option<&std::path::Path>,
+) -> Result<Option<std::sync::Arc<crate::state::Keyring>>, i32> {
+    match path {
+        None => Ok(None),
+        Some(p) => match crate::state::Keyring::load(p) {
+            Ok(k) => Ok(Some(std::sync::Arc::new(k))),
+            Err(e) => {
+                eprintln!("error: {e}");
+                Err(1)
+            }
+        },
+    }
+}
+
+/// Opens the state store of `token`; the exit code when it cannot be.
+async fn open_state(args: &StateArgs) -> Result<crate::state::TokenStore, i32> {
+    let mut o = crate::state::StoreOptions::new(state_location(args));
+    o.prefix = args.state_prefix.clone();
+    o.keys = load_keys(args.state_key_file.as_deref())?;
+    o.lease = UPSTREAM_TIMEOUT + Duration::from_secs(2);
+    match crate::state::TokenStore::connect(&o).await {
+        Ok((s, warnings)) => {
+            for w in warnings {
+                eprintln!("warning: unusable refresh-token record: {w}");
+            }
+            Ok(s)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(1)
+        }
+    }
+}
+
+/// `state migrate`: copies every record; returns the exit code.
+pub async fn migrate(args: &MigrateArgs) -> i32 {
+    let options = |loc: &str, key: Option<&std::path::Path>| {
+        let mut o = crate::state::StoreOptions::new(crate::state::Location::parse(loc));
+        o.prefix = args.state_prefix.clone();
+        o.keys = load_keys(key.or(args.state_key_file.as_deref()))?;
+        Ok::<_, i32>(o)
+    };
+    let (from, to) = match (
+        options(&args.from, args.from_key_file.as_deref()),
+        options(&args.to, args.to_key_file.as_deref()),
+    ) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(c), _) | (_, Err(c)) => return c,
+    };
+    match crate::state::migrate(&from, &to).await {
+        Ok((n, warnings)) => {
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
+            println!(
+                "copied {n} record(s) from {} to {}{}",
+                from.location.describe(),
+                to.location.describe(),
+                if to.keys.is_some() { ", sealed" } else { "" }
+            );
+            i32::from(!warnings.is_empty())
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
 }
 
 /// `probe`: 0 if the URL answers 2xx within the timeout, else 1 with one line on stderr

@@ -720,7 +720,7 @@ struct PersistView {
 impl From<PersistStatus> for PersistView {
     fn from(p: PersistStatus) -> Self {
         PersistView {
-            state: "memory_only",
+            state: p.state,
             error: p.error,
             since: humantime::format_rfc3339_seconds(p.since).to_string(),
             failed_writes: p.attempts,

@@ -15,8 +15,10 @@ use tokio::sync::{watch, Semaphore};
 use crate::config::CredentialSet;
 use crate::credentials::Grant;
 use crate::metrics::Metrics;
-use crate::provider::{ErrorCode, OurCode, ProviderError, TokenGrant, TokenRequest};
-use crate::state::TokenStore;
+use crate::provider::{
+    ErrorCode, ExpiresIn, OurCode, Provider, ProviderError, TokenGrant, TokenRequest,
+};
+use crate::state::{StateError, TokenStore};
 
 /// The HTTP client and the shared limits for token fetches.
 pub struct Upstream {
@@ -29,6 +31,9 @@ pub struct Upstream {
     calls: Mutex<Calls>,
     /// How many calls are registered, for [`Upstream::drain`] to wait on.
     calls_count: watch::Sender<usize>,
+    /// Credential sets fetched by this process: only a first fetch takes an access token
+    /// kept in the store (a warm restart).
+    warmed: Mutex<std::collections::HashSet<[u8; 32]>>,
 }
 
 /// Calls sent to providers and not finished yet; `closing` once shutdown began.
@@ -98,6 +103,7 @@ impl Upstream {
             metrics,
             calls: Mutex::new(Calls::default()),
             calls_count: watch::Sender::new(0),
+            warmed: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -209,15 +215,46 @@ impl Upstream {
     }
 
     /// [`Upstream::fetch`] once the account's lock (if its grant needs one) is held.
+    ///
+    /// A refresh token that may rotate is spent only under the account's lease in the
+    /// state store (other processes may share it), after re-reading the stored record,
+    /// and its rotation is written (compare-and-set) before the answer is used.
     async fn fetch_locked(
         &self,
         set: &CredentialSet,
     ) -> Result<(TokenGrant, SentAt), ProviderError> {
         let account = &set.key.account;
-        let spend = set
-            .refresh_token
-            .as_ref()
-            .map(|config_token| self.store.current(account, config_token));
+        let rotating = may_rotate(set);
+        let _lease = if rotating {
+            let lease = self.store.lock_account(account).await.map_err(|e| {
+                tracing::warn!(account = %account, error = %e,
+                    "refresh not sent: the account's lease in the state store could not be taken (a refresh token that may rotate is never spent without it); retried with back-off");
+                ProviderError::transient(STATE_UNAVAILABLE)
+            })?;
+            match self.store.reload_record(account).await {
+                Ok(_) => {}
+                Err(StateError::Refused { .. }) => return Err(refused()),
+                Err(e) => {
+                    tracing::warn!(account = %account, error = %e,
+                        "refresh not sent: the account's record could not be re-read from the state store; retried with back-off");
+                    return Err(ProviderError::transient(STATE_UNAVAILABLE));
+                }
+            }
+            Some(lease)
+        } else {
+            None
+        };
+        if self.store.refused(account).is_some() {
+            return Err(refused());
+        }
+        if let Some(grant) = self.warm_from_store(set).await {
+            return Ok(grant);
+        }
+        let spend = if set.grant == Grant::RefreshToken || set.refresh_token.is_some() {
+            self.store.current(account, set.refresh_token.as_ref())
+        } else {
+            None
+        };
         let permit = self
             .cap(&set.provider_name)
             .acquire_owned()
@@ -247,16 +284,114 @@ impl Upstream {
         let grant = result?;
         if let (Some(new), Some((old, origin))) = (&grant.refresh_token, &spend) {
             if new != old {
-                if let Err(e) = self.store.rotate(account, *origin, new.clone()).await {
-                    self.metrics.persist_failure();
-                    tracing::error!(account = %account, error = %e,
-                        "could not write a rotated refresh token to the state directory; it is kept in memory and used, and the write is retried (the account is lost if the sidecar stops before a write succeeds)");
+                match self.store.rotate(account, *origin, new.clone()).await {
+                    Ok(()) => {}
+                    Err(e @ StateError::Conflict { .. }) => {
+                        // Our lease was lost (the store was unreachable for longer than
+                        // it): another process rotated meanwhile. Its record is used.
+                        tracing::error!(account = %account, error = %e,
+                            "rotated refresh token not written: the stored record changed under the lease");
+                        return Err(ProviderError::transient(STATE_UNAVAILABLE));
+                    }
+                    Err(e) => {
+                        self.metrics.persist_failure();
+                        tracing::error!(account = %account, error = %e,
+                            "could not write a rotated refresh token to the state store; it is kept in memory and used, the account's lease is kept, and the write is retried (the account is lost if the sidecar stops before a write succeeds)");
+                    }
                 }
             }
         }
+        self.keep_for_warm_restart(set, &grant, sent_at).await;
         Ok((grant, sent_at))
     }
+
+    /// A fresh access token kept in the store by an earlier process, on this process's
+    /// first fetch of the credential set (a warm restart); later fetches go upstream.
+    async fn warm_from_store(&self, set: &CredentialSet) -> Option<(TokenGrant, SentAt)> {
+        if !self.store.is_redis() {
+            return None;
+        }
+        let name = access_name(set);
+        {
+            let mut seen = self.warmed.lock().unwrap_or_else(|p| p.into_inner());
+            if !seen.insert(set.fingerprint) {
+                return None;
+            }
+        }
+        let (token, expires_at) = self.store.load_access(&name).await?;
+        let now = std::time::SystemTime::now();
+        let left = expires_at.duration_since(now).ok()?;
+        // Aging tokens are fetched anew (as pre-warm would).
+        if left < WARM_MIN_LEFT {
+            return None;
+        }
+        Some((
+            TokenGrant {
+                access_token: Some(token),
+                expires_in: ExpiresIn::Given(left),
+                refresh_token: None,
+            },
+            SentAt {
+                instant: tokio::time::Instant::now(),
+                wall: now,
+            },
+        ))
+    }
+
+    /// Keeps a fetched access token in the store (Redis) for a warm restart.
+    async fn keep_for_warm_restart(&self, set: &CredentialSet, grant: &TokenGrant, sent: SentAt) {
+        if !self.store.is_redis() {
+            return;
+        }
+        self.warmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(set.fingerprint);
+        let (Some(token), ExpiresIn::Given(life)) = (&grant.access_token, grant.expires_in) else {
+            return;
+        };
+        let Some(expires_at) = sent.wall.checked_add(life) else {
+            return;
+        };
+        if let Err(e) = self
+            .store
+            .save_access(&access_name(set), token, expires_at)
+            .await
+        {
+            tracing::debug!(account = %set.key.account, error = %e, "access token not kept in the state store");
+        }
+    }
 }
+
+/// A kept access token with less life left is fetched anew on a warm restart.
+const WARM_MIN_LEFT: Duration = Duration::from_secs(120);
+
+/// The store's name of a credential set's access token: its fingerprint (a digest over
+/// everything that makes the set, secrets included), so a changed set never gets an old
+/// token.
+fn access_name(set: &CredentialSet) -> String {
+    set.fingerprint.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether spending this set's grant may rotate a refresh token: only the refresh_token
+/// grant, and not with Google (which never rotates them).
+fn may_rotate(set: &CredentialSet) -> bool {
+    set.grant == Grant::RefreshToken && !matches!(*set.provider, Provider::Google(_))
+}
+
+/// The error of a fetch refused because the account's stored record is refused.
+fn refused() -> ProviderError {
+    ProviderError {
+        hint: Some("the account's stored refresh-token record is refused (tampered with, copied from another account, or sealed under a key no longer in --state-key-file); see the log and the admin API"),
+        ..ProviderError::transient(STATE_REFUSED)
+    }
+}
+
+/// The error code of a refresh not sent because the state store's lease or record could
+/// not be had.
+pub const STATE_UNAVAILABLE: ErrorCode = ErrorCode::Ours(OurCode::StateUnavailable);
+/// The error code of a fetch refused because the stored record is refused.
+pub const STATE_REFUSED: ErrorCode = ErrorCode::Ours(OurCode::StateRecordRefused);
 
 /// The error code of a fetch refused because shutdown began.
 pub const SHUTTING_DOWN: ErrorCode = ErrorCode::Ours(OurCode::ShuttingDown);

@@ -74,11 +74,15 @@ pub enum OurCode {
     FetchTaskFailed,
     /// Refused because shutdown began; never sent.
     ShuttingDown,
+    /// Not sent: the state store's lease or record of the account could not be had.
+    StateUnavailable,
+    /// Not sent: the account's stored record is refused (tampered with, moved).
+    StateRecordRefused,
 }
 
 impl OurCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [OurCode; 11] = [
+    pub const ALL: [OurCode; 13] = [
         OurCode::Timeout,
         OurCode::ConnectFailed,
         OurCode::ConnectionLost,
@@ -90,6 +94,8 @@ impl OurCode {
         OurCode::SigningFailed,
         OurCode::FetchTaskFailed,
         OurCode::ShuttingDown,
+        OurCode::StateUnavailable,
+        OurCode::StateRecordRefused,
     ];
 
     /// The code as logged and reported.
@@ -106,6 +112,8 @@ impl OurCode {
             OurCode::SigningFailed => "signing_failed",
             OurCode::FetchTaskFailed => "fetch_task_failed",
             OurCode::ShuttingDown => "shutting_down",
+            OurCode::StateUnavailable => "state_unavailable",
+            OurCode::StateRecordRefused => "state_record_refused",
         }
     }
 }
