@@ -980,3 +980,75 @@ impl Drop for RedisServer {
         self.stop();
     }
 }
+
+/// The real sidecar binary, started with `args` plus `--listen 127.0.0.1:0 --log-format
+/// json`; its WARN and ERROR lines are echoed to the test's stderr.
+pub struct SidecarProc {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl SidecarProc {
+    /// Starts it and waits (20 s at most) for the address it logs.
+    pub fn spawn(args: &[&str]) -> SidecarProc {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ee-auth-sidecar"))
+            .args(args)
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the sidecar binary");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads the log for the bound address, then keeps draining it so the child never
+        // blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["message"] == "listening" {
+                        if let (Some(tx), Some(a)) = (tx.take(), v["addr"].as_str()) {
+                            let _ = tx.send(a.parse::<SocketAddr>().unwrap());
+                        }
+                    }
+                    if v["level"] == "ERROR" || v["level"] == "WARN" {
+                        eprintln!("sidecar: {line}");
+                    }
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the sidecar logs its address");
+        SidecarProc { child, addr }
+    }
+
+    /// SIGKILL, and waits for it to be gone.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits (at most `limit`) for the exit status.
+    pub async fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("still running {limit:?} after SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
