@@ -301,14 +301,15 @@ impl Upstream {
                 }
             }
         }
-        self.keep_for_warm_restart(set, &grant, sent_at).await;
+        self.keep_for_warm_restart(set, &grant, sent_at);
         Ok((grant, sent_at))
     }
 
     /// A fresh access token kept in the store by an earlier process, on this process's
     /// first fetch of the credential set (a warm restart); later fetches go upstream.
     async fn warm_from_store(&self, set: &CredentialSet) -> Option<(TokenGrant, SentAt)> {
-        if !self.store.is_redis() {
+        // Not while the store does not answer: a grant that needs no lease goes on at once.
+        if !self.store.is_redis() || !self.store.health().reachable {
             return None;
         }
         let name = access_name(set);
@@ -339,7 +340,7 @@ impl Upstream {
     }
 
     /// Keeps a fetched access token in the store (Redis) for a warm restart.
-    async fn keep_for_warm_restart(&self, set: &CredentialSet, grant: &TokenGrant, sent: SentAt) {
+    fn keep_for_warm_restart(&self, set: &CredentialSet, grant: &TokenGrant, sent: SentAt) {
         if !self.store.is_redis() {
             return;
         }
@@ -353,13 +354,18 @@ impl Upstream {
         let Some(expires_at) = sent.wall.checked_add(life) else {
             return;
         };
-        if let Err(e) = self
-            .store
-            .save_access(&access_name(set), token, expires_at)
-            .await
-        {
-            tracing::debug!(account = %set.key.account, error = %e, "access token not kept in the state store");
-        }
+        // In the background: the answer does not wait for the store (which may be down).
+        let (store, name, token, account) = (
+            self.store.clone(),
+            access_name(set),
+            token.clone(),
+            set.key.account.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = store.save_access(&name, &token, expires_at).await {
+                tracing::debug!(account = %account, error = %e, "access token not kept in the state store");
+            }
+        });
     }
 }
 

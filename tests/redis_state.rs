@@ -209,3 +209,173 @@ async fn a_restarted_sidecar_on_a_warm_redis_store_makes_no_upstream_call_for_fr
     assert_eq!(idp.calls(), n as u64, "no upstream call after the restart");
     sc.shutdown().await;
 }
+
+/// How long Redis is down in the outage test (the 30 s).
+const OUTAGE: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_fresh_tokens_are_served_no_rotating_token_is_spent_and_it_recovers() {
+    let mut redis = RedisServer::start_persistent().await;
+    let idp = MockIdp::start().await;
+    idp.with(|s| {
+        s.rotate = true;
+        s.valid_refresh_tokens = Some(
+            (0..5)
+                .map(|i| format!("rt-{i}"))
+                .chain(["rt-short".to_owned()])
+                .collect(),
+        );
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(
+        &idp,
+        &[
+            ("f0", "rt-0"),
+            ("f1", "rt-1"),
+            ("f2", "rt-2"),
+            ("f3", "rt-3"),
+            ("f4", "rt-4"),
+            ("short", "rt-short"),
+        ],
+    );
+    // A grant that rotates nothing, refreshed throughout the outage; `short` on a client
+    // of its own, so the mock tells its refreshes apart.
+    cfg["accounts"]["app"] =
+        json!({ "user": "app@example.com", "provider": "idp", "grant": "client_credentials" });
+    cfg["providers"]["short"] = json!({ "type": "oauth2", "tokenUrl": idp.url("/token"),
+        "clientId": "client-short", "clientSecret": "client-secret-value" });
+    cfg["accounts"]["short"]["provider"] = json!("short");
+    let cfg = write_config(dir.path(), &cfg);
+    let mut o = options(&cfg, &redis, "eeas:", None);
+    o.upstream_timeout = Duration::from_secs(1);
+    o.policy.backoff_max = Duration::from_secs(2);
+    o.policy.min_ttl = Duration::from_secs(1);
+    o.policy.margin_floor = Duration::from_secs(1);
+    let sc = start(o).await.unwrap();
+    let c = client();
+    // Fresh hour-long tokens for f*; 3 s tokens for `short` and `app`.
+    for a in ["f0", "f1", "f2", "f3", "f4"] {
+        let r = ask(&c, sc.local_addr, &format!("account={a}&proto=imap"), None).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    idp.set_lifetime(Some(3.0));
+    for a in ["short", "app"] {
+        let r = ask(&c, sc.local_addr, &format!("account={a}&proto=imap"), None).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let spent_by_short = |idp: &MockIdp| {
+        idp.with(|s| {
+            s.requests
+                .iter()
+                .filter(|r| r.form.get("client_id").map(String::as_str) == Some("client-short"))
+                .count()
+        })
+    };
+    let cc_calls =
+        |idp: &MockIdp| idp.with(|s| *s.calls_by_grant.get("client_credentials").unwrap_or(&0));
+
+    // Load: the fresh accounts and the app-only one, all along.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, addr) = (stop.clone(), sc.local_addr);
+        tokio::spawn(async move {
+            let c = client();
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for a in ["f0", "f1", "f2", "f3", "f4", "app"] {
+                    let r = ask(&c, addr, &format!("account={a}&proto=imap"), None).await;
+                    if r.status == 200 {
+                        ok += 1;
+                    } else {
+                        failed.push(format!("{a}: {} {}", r.status, r.body));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, failed)
+        })
+    };
+
+    redis.stop();
+    let down_at = std::time::Instant::now();
+    // Whatever was in flight at the stop settles; from then on `short` (its token expires
+    // during the outage) must not be refreshed: its refresh token may rotate.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let short_before = spent_by_short(&idp);
+    let cc_before = cc_calls(&idp);
+    let mut saw_down = false;
+    while down_at.elapsed() < OUTAGE {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let up = scraped(&c, sc.local_addr, "ee_auth_state_store_up").await;
+        let down_for = scraped(&c, sc.local_addr, "ee_auth_state_store_unreachable_seconds")
+            .await
+            .unwrap_or(0.0);
+        if up == Some(0.0) && down_for >= 5.0 {
+            saw_down = true;
+        }
+        let ready = c
+            .get(format!("http://{}/readyz", sc.local_addr))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(ready, 200, "readiness is not failed for the store");
+    }
+    assert!(saw_down, "metrics showed the store down and for how long");
+    let v: Value = c
+        .get(format!("http://{}/v1/accounts", sc.local_addr))
+        .basic_auth(ADMIN.0, Some(ADMIN.1))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["stateStore"]["reachable"], false, "{}", v["stateStore"]);
+    assert!(v["stateStore"]["unreachableSeconds"].as_u64().unwrap() >= 20);
+    // `short` was due: its refreshes were tried and held back for want of the lease.
+    let short = status_of(&sc, "short");
+    let code = short[0].last_error.as_ref().map(|e| e.code.clone());
+    assert_eq!(
+        code.as_deref(),
+        Some("state_unavailable"),
+        "{:?}",
+        short[0].state
+    );
+    assert_eq!(
+        spent_by_short(&idp),
+        short_before,
+        "a rotating refresh token was spent without the lease"
+    );
+    assert!(
+        cc_calls(&idp) >= cc_before + 5,
+        "the app-only grant went on refreshing"
+    );
+
+    // Back: the store reconnects without a restart and `short` refreshes again.
+    redis.restart().await;
+    assert!(
+        eventually(Duration::from_secs(20), || spent_by_short(&idp)
+            > short_before)
+        .await,
+        "a refresh needing the lease went through after the store came back"
+    );
+    let r = ask(&c, sc.local_addr, "account=short&proto=imap", None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        scraped(&c, sc.local_addr, "ee_auth_state_store_up").await,
+        Some(1.0)
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} failed of {}: {:?}",
+        failed.len(),
+        ok,
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 500, "{ok}");
+    assert_eq!(idp.with(|s| s.reuse_detected), 0);
+    sc.shutdown().await;
+}

@@ -1171,7 +1171,7 @@ impl TokenStore {
 /// Renews a Redis holder heartbeat until the store is dropped or released.
 async fn heartbeat(store: std::sync::Weak<redis::RedisStore>) {
     loop {
-        tokio::time::sleep(redis::HOLDER_TTL / 3).await;
+        tokio::time::sleep(redis::HOLDER_TTL / 5).await;
         let Some(s) = store.upgrade() else {
             return;
         };
