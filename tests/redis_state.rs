@@ -379,3 +379,77 @@ async fn with_redis_down_fresh_tokens_are_served_no_rotating_token_is_spent_and_
     assert_eq!(idp.with(|s| s.reuse_detected), 0);
     sc.shutdown().await;
 }
+
+fn migrate(from: &str, to: &str, keys: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ee-auth-sidecar"))
+        .args(["state", "migrate", "--from", from, "--to", to])
+        .arg("--state-key-file")
+        .arg(keys)
+        .output()
+        .expect("the binary runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_migrate_copies_a_directory_into_redis_and_back_refusing_while_a_sidecar_holds_the_source(
+) {
+    let redis = RedisServer::start().await;
+    let idp = MockIdp::start().await;
+    strict_rotation(&idp, &["rt-a"], 100.0);
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path());
+    let cfg = write_config(dir.path(), &config(&idp, &[("a", "rt-a")]));
+    let state = dir.path().join("state");
+    let back = dir.path().join("back");
+    let (s, b, url) = (state.to_str().unwrap(), back.to_str().unwrap(), redis.url());
+    let on_dir = |d: &Path| {
+        let mut o = test_options(&cfg);
+        o.state_dir = Some(d.to_owned());
+        o.state_key_file = Some(keys.clone());
+        o
+    };
+    let c = client();
+    let text = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    // A rotation in the directory.
+    let sc = start(on_dir(&state)).await.unwrap();
+    assert_eq!(ask(&c, sc.local_addr, "account=a", None).await.status, 200);
+    let out = migrate(s, &url, &keys);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "refused while held: {}",
+        text(&out)
+    );
+    assert!(text(&out).contains("in use"), "{}", text(&out));
+    sc.shutdown().await;
+    let out = migrate(s, &url, &keys);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("copied 1 record"));
+
+    // The Redis store has it (sealed): a sidecar on it spends the rotated token.
+    let sc = start(options(&cfg, &redis, "eeas:", Some(&keys)))
+        .await
+        .unwrap();
+    assert_eq!(ask(&c, sc.local_addr, "account=a", None).await.status, 200);
+    let out = migrate(&url, b, &keys);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "refused while held: {}",
+        text(&out)
+    );
+    sc.shutdown().await;
+    let out = migrate(&url, b, &keys);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // And back into a directory.
+    let sc = start(on_dir(&back)).await.unwrap();
+    assert_eq!(ask(&c, sc.local_addr, "account=a", None).await.status, 200);
+    sc.shutdown().await;
+    assert_eq!(idp.calls(), 3);
+    assert_eq!(
+        idp.with(|s| s.reuse_detected),
+        0,
+        "every store had the live token"
+    );
+}
