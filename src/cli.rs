@@ -629,7 +629,7 @@ async fn open_state(args: &StateArgs) -> Result<crate::state::TokenStore, i32> {
     match crate::state::TokenStore::connect(&o).await {
         Ok((s, warnings)) => {
             for w in warnings {
-                eprintln!("warning: unusable refresh-token record: {w}");
+                eprintln!("warning: unreadable refresh-token record: {w}");
             }
             Ok(s)
         }

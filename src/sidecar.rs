@@ -192,7 +192,7 @@ pub(crate) async fn open_store(
     let location = store_options.location.clone();
     let (store, warnings) = TokenStore::connect(&store_options).await?;
     for w in warnings {
-        tracing::warn!(record = %w, "unusable refresh-token record");
+        tracing::warn!(record = %w, "unreadable refresh-token record");
     }
     match &location {
         crate::state::Location::Memory => {

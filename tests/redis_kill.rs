@@ -43,22 +43,25 @@ fn incarnation_config(dir: &Path, idp: &MockIdp, n: usize) -> PathBuf {
 
 fn spawn(cfg: &Path, redis: &RedisServer) -> SidecarProc {
     let url = redis.url();
-    SidecarProc::spawn(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "--state",
-        &url,
-        "--log-level",
-        "info",
-        "--backoff-max",
-        "1s",
-        "--request-wait",
-        "3s",
-        "--upstream-timeout",
-        "1s",
-        "--reload-interval",
-        "1h",
-    ])
+    SidecarProc::spawn(
+        env!("CARGO_BIN_EXE_ee-auth-sidecar"),
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--state",
+            &url,
+            "--log-level",
+            "info",
+            "--backoff-max",
+            "1s",
+            "--request-wait",
+            "3s",
+            "--upstream-timeout",
+            "1s",
+            "--reload-interval",
+            "1h",
+        ],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,6 +32,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
     }
 }
 
+/// A record file's path and its bytes, or why it could not be read.
+pub(crate) type RecordFile = (PathBuf, Result<Vec<u8>, String>);
+
 /// A held per-account lock: the open file whose `flock` it is.
 pub(crate) struct FileLease(#[allow(dead_code)] fs::File);
 
@@ -173,7 +176,7 @@ impl DirStore {
 
     /// Every record file's content (stray temp files are removed): (path, bytes or why
     /// unreadable).
-    pub fn load_all(&self) -> Result<Vec<(PathBuf, Result<Vec<u8>, String>)>, StateError> {
+    pub fn load_all(&self) -> Result<Vec<RecordFile>, StateError> {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.tokens).map_err(io_err(&self.tokens))? {
             let path = entry.map_err(io_err(&self.tokens))?.path();

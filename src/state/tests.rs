@@ -263,9 +263,7 @@ fn an_unusable_record_says_what_is_wrong_with_it() {
         (record(1, &good, ""), "empty refreshToken"),
     ];
     for (text, why) in &cases {
-        let (_, e) = record::decode(text.as_bytes(), None, None)
-            .err()
-            .expect(why);
+        let (_, e) = record::decode(text.as_bytes(), None, None).expect_err(why);
         assert_eq!(e.to_string(), *why, "{text}");
     }
     let (account, rec) = record::decode(record(1, &good, "r").as_bytes(), None, None).unwrap();

@@ -989,10 +989,11 @@ pub struct SidecarProc {
 }
 
 impl SidecarProc {
-    /// Starts it and waits (20 s at most) for the address it logs.
-    pub fn spawn(args: &[&str]) -> SidecarProc {
+    /// Starts `bin` (`env!("CARGO_BIN_EXE_ee-auth-sidecar")`, which examples that include
+    /// this file do not have) and waits (20 s at most) for the address it logs.
+    pub fn spawn(bin: &str, args: &[&str]) -> SidecarProc {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ee-auth-sidecar"))
+        let mut child = std::process::Command::new(bin)
             .args(args)
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .stdin(std::process::Stdio::null())
