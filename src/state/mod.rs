@@ -253,7 +253,7 @@ enum Lease {
 /// A lease of this process: `guarded` while a [`LeaseGuard`] holds it; kept after that
 /// while the account's rotation is not written yet.
 struct Held {
-    _lease: Lease,
+    lease: Lease,
     guarded: bool,
 }
 
@@ -710,7 +710,7 @@ impl TokenStore {
         lock(&self.held).insert(
             account.clone(),
             Held {
-                _lease: lease,
+                lease,
                 guarded: true,
             },
         );
@@ -875,12 +875,17 @@ impl TokenStore {
                 out.push((job.account, job.version, r));
             }
             *open = false;
+            let held: Vec<Held> = lock(&self.held).drain().map(|(_, h)| h).collect();
+            for h in held {
+                if let Lease::Redis(l) = h.lease {
+                    l.release_now().await;
+                }
+            }
             match &self.backend {
                 Backend::Memory => {}
                 Backend::Dir(d) => d.release(),
                 Backend::Redis(r) => r.release_holder().await,
             }
-            lock(&self.held).clear();
         } else {
             let open = self.open.read().await;
             for job in jobs {
@@ -1175,6 +1180,9 @@ async fn heartbeat(store: std::sync::Weak<redis::RedisStore>) {
         let Some(s) = store.upgrade() else {
             return;
         };
+        if s.is_closed() {
+            return;
+        }
         let _ = s.heartbeat().await;
     }
 }

@@ -1,11 +1,12 @@
 //! The Redis store (`--state redis://…`): EmailEngine's own Redis, under a key prefix.
 //!
 //! Keys: `<prefix>rt:<account>` a hash (`gen`, `rec`: the record's JSON) written only by
-//! a compare-and-set script on `gen`; `<prefix>lock:<account>` the spend lease (`SET NX
-//! PX` with a random owner, extended and deleted only by compare scripts);
-//! `<prefix>at:<name>` an access token kept for warm restarts (expires with it);
-//! `<prefix>holder:<id>` a heartbeat of each process using the store (for
-//! `state migrate`). The connection manager reconnects by itself; every command is
+//! a compare-and-set script on `gen`, which also adds the account to the set
+//! `<prefix>accounts` (so loading never scans a keyspace shared with EmailEngine);
+//! `<prefix>lock:<account>` the spend lease (`SET NX PX` with a random owner, extended and
+//! deleted only by compare scripts); `<prefix>at:<name>` an access token kept for warm
+//! restarts (expires with it); `<prefix>holders` a sorted set of the processes using the
+//! store, scored by when their heartbeat lapses (for `state migrate`). The connection manager reconnects by itself; every command is
 //! bounded by a timeout, and the store's health (reachable or since when not) is kept
 //! for status and metrics.
 
@@ -51,8 +52,10 @@ pub(crate) struct RedisStore {
     pub host: String,
     timeout: Duration,
     health: Mutex<Health>,
-    /// This process's holder id (heartbeat key).
+    /// This process's holder id (in `<prefix>holders`).
     holder_id: String,
+    /// Set at shutdown: the heartbeat stops.
+    closed: std::sync::atomic::AtomicBool,
     scripts: Scripts,
 }
 
@@ -66,6 +69,7 @@ const CAS: &str = r"
 local g = redis.call('HGET', KEYS[1], 'gen')
 if (g or '0') ~= ARGV[1] then return g or '0' end
 redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'rec', ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[4])
 return 'ok'";
 
 const EXTEND: &str = r"
@@ -120,6 +124,7 @@ impl RedisStore {
             timeout,
             health: Mutex::new(Health::default()),
             holder_id: random_id(),
+            closed: std::sync::atomic::AtomicBool::new(false),
             scripts: Scripts {
                 cas: Script::new(CAS),
                 extend: Script::new(EXTEND),
@@ -190,47 +195,45 @@ impl RedisStore {
                     .query_async(&mut c),
             )
             .await?;
-        Ok(got.filter(|b| b.len() as u64 <= crate::files::MAX_STATE_RECORD_BYTES))
+        Ok(got.filter(|b| fits(b)))
     }
 
     /// Every record: (account, bytes).
     pub async fn load_all(&self) -> Result<Vec<(String, Vec<u8>)>, StateError> {
-        let pattern = format!("{}rt:*", self.prefix);
+        let set = format!("{}accounts", self.prefix);
         let mut c = self.conn.clone();
         let mut cursor: u64 = 0;
-        let mut keys: Vec<String> = Vec::new();
+        let mut accounts: Vec<String> = Vec::new();
         loop {
             let (next, batch): (u64, Vec<String>) = self
                 .run(
-                    "scan",
-                    ::redis::cmd("SCAN")
+                    "load",
+                    ::redis::cmd("SSCAN")
+                        .arg(&set)
                         .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
                         .arg("COUNT")
                         .arg(1000)
                         .query_async(&mut c),
                 )
                 .await?;
-            keys.extend(batch);
+            accounts.extend(batch);
             cursor = next;
             if cursor == 0 {
                 break;
             }
         }
-        keys.sort_unstable();
-        keys.dedup();
-        let strip = format!("{}rt:", self.prefix);
-        let mut out = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(500) {
+        accounts.sort_unstable();
+        accounts.dedup();
+        let mut out = Vec::with_capacity(accounts.len());
+        for chunk in accounts.chunks(500) {
             let mut pipe = ::redis::pipe();
-            for k in chunk {
-                pipe.cmd("HGET").arg(k).arg("rec");
+            for a in chunk {
+                pipe.cmd("HGET").arg(self.key("rt", a)).arg("rec");
             }
             let recs: Vec<Option<Vec<u8>>> = self.run("load", pipe.query_async(&mut c)).await?;
-            for (k, rec) in chunk.iter().zip(recs) {
-                if let (Some(account), Some(rec)) = (k.strip_prefix(&strip), rec) {
-                    out.push((account.to_owned(), rec));
+            for (account, rec) in chunk.iter().zip(recs) {
+                if let Some(rec) = rec.filter(|b| fits(b)) {
+                    out.push((account.clone(), rec));
                 }
             }
         }
@@ -247,9 +250,11 @@ impl RedisStore {
         let key = self.key("rt", account);
         let mut c = self.conn.clone();
         let mut inv = self.scripts.cas.key(&key);
-        inv.arg(expected.to_string())
+        inv.key(format!("{}accounts", self.prefix))
+            .arg(expected.to_string())
             .arg(expected.saturating_add(1).to_string())
-            .arg(bytes);
+            .arg(bytes)
+            .arg(account);
         let got: String = self.run("write", inv.invoke_async(&mut c)).await?;
         if got == "ok" {
             Ok(Ok(()))
@@ -267,17 +272,20 @@ impl RedisStore {
     ) -> Result<(), StateError> {
         let key = self.key("rt", account);
         let mut c = self.conn.clone();
-        self.run(
-            "write",
-            ::redis::cmd("HSET")
-                .arg(&key)
-                .arg("gen")
-                .arg(generation)
-                .arg("rec")
-                .arg(bytes)
-                .query_async::<()>(&mut c),
-        )
-        .await
+        let mut pipe = ::redis::pipe();
+        pipe.atomic()
+            .cmd("HSET")
+            .arg(&key)
+            .arg("gen")
+            .arg(generation)
+            .arg("rec")
+            .arg(bytes)
+            .ignore()
+            .cmd("SADD")
+            .arg(format!("{}accounts", self.prefix))
+            .arg(account)
+            .ignore();
+        self.run("write", pipe.query_async::<()>(&mut c)).await
     }
 
     /// Tries once to take `account`'s lease for `lease`; the owner id when taken.
@@ -354,70 +362,88 @@ impl RedisStore {
     pub async fn get_access(&self, name: &str) -> Result<Option<Vec<u8>>, StateError> {
         let key = self.key("at", name);
         let mut c = self.conn.clone();
-        self.run(
-            "read access token",
-            ::redis::cmd("GET").arg(&key).query_async(&mut c),
-        )
-        .await
+        let got: Option<Vec<u8>> = self
+            .run(
+                "read access token",
+                ::redis::cmd("GET").arg(&key).query_async(&mut c),
+            )
+            .await?;
+        Ok(got.filter(|b| fits(b)))
     }
 
-    /// Renews this process's holder heartbeat.
+    /// Renews this process's holder heartbeat (not after [`RedisStore::release_holder`]).
     pub async fn heartbeat(&self) -> Result<(), StateError> {
-        let key = self.key("holder", &self.holder_id);
+        if self.is_closed() {
+            return Ok(());
+        }
+        let now = unix_ms();
+        let key = format!("{}holders", self.prefix);
         let mut c = self.conn.clone();
-        self.run(
-            "heartbeat",
-            ::redis::cmd("SET")
-                .arg(&key)
-                .arg(std::process::id())
-                .arg("PX")
-                .arg(ms(HOLDER_TTL))
-                .query_async::<()>(&mut c),
-        )
-        .await
+        let mut pipe = ::redis::pipe();
+        // Lapsed heartbeats (killed processes) go, so the set stays small.
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(format!("({now}"))
+            .ignore()
+            .cmd("ZADD")
+            .arg(&key)
+            .arg(now.saturating_add(ms(HOLDER_TTL)))
+            .arg(&self.holder_id)
+            .ignore();
+        self.run("heartbeat", pipe.query_async::<()>(&mut c)).await
     }
 
-    /// Removes this process's heartbeat (shutdown).
+    /// Whether the store was released.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Removes this process's heartbeat for good (shutdown).
     pub async fn release_holder(&self) {
-        let key = self.key("holder", &self.holder_id);
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
         let mut c = self.conn.clone();
         let _ = self
             .run(
                 "release",
-                ::redis::cmd("DEL").arg(&key).query_async::<()>(&mut c),
+                ::redis::cmd("ZREM")
+                    .arg(format!("{}holders", self.prefix))
+                    .arg(&self.holder_id)
+                    .query_async::<()>(&mut c),
             )
             .await;
     }
 
-    /// How many processes hold the store (live heartbeats).
+    /// How many other processes hold the store (heartbeats not lapsed).
     pub async fn holders(&self) -> Result<usize, StateError> {
-        let pattern = format!("{}holder:*", self.prefix);
+        let key = format!("{}holders", self.prefix);
         let mut c = self.conn.clone();
-        let mut cursor: u64 = 0;
-        let mut n = 0usize;
-        loop {
-            let (next, batch): (u64, Vec<String>) = self
-                .run(
-                    "scan",
-                    ::redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query_async(&mut c),
-                )
-                .await?;
-            n += batch
-                .iter()
-                .filter(|k| !k.ends_with(&self.holder_id))
-                .count();
-            cursor = next;
-            if cursor == 0 {
-                return Ok(n);
-            }
-        }
+        // ZRANGEBYSCORE rather than ZRANGE … BYSCORE: Redis 6.0 has only the former.
+        let live: Vec<String> = self
+            .run(
+                "holders",
+                ::redis::cmd("ZRANGEBYSCORE")
+                    .arg(&key)
+                    .arg(unix_ms())
+                    .arg("+inf")
+                    .query_async(&mut c),
+            )
+            .await?;
+        Ok(live.iter().filter(|h| **h != self.holder_id).count())
     }
+}
+
+/// Whether a value read from Redis is within the record size limit.
+fn fits(b: &[u8]) -> bool {
+    b.len() as u64 <= crate::files::MAX_STATE_RECORD_BYTES
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// A held Redis lease: renewed by a task until dropped, then deleted if still ours.
@@ -458,9 +484,21 @@ impl RedisLease {
     }
 }
 
+impl RedisLease {
+    /// Stops renewing and deletes the lease now (shutdown: no task would run later).
+    pub async fn release_now(mut self) {
+        self.renew.abort();
+        let owner = std::mem::take(&mut self.owner);
+        let _ = self.store.release(&self.account, &owner).await;
+    }
+}
+
 impl Drop for RedisLease {
     fn drop(&mut self) {
         self.renew.abort();
+        if self.owner.is_empty() {
+            return;
+        }
         let (store, account, owner) = (
             self.store.clone(),
             self.account.clone(),
