@@ -625,20 +625,7 @@ impl TokenStore {
     /// record that does not open is refused (the error says why); a rotation of ours not
     /// written yet stays (it is newer than anything stored).
     pub async fn reload_record(&self, account: &Arc<str>) -> Result<bool, StateError> {
-        let bytes = match &self.backend {
-            Backend::Memory => return Ok(false),
-            Backend::Dir(d) => {
-                let (d, a) = (d.clone(), account.clone());
-                tokio::task::spawn_blocking(move || d.read(&a))
-                    .await
-                    .map_err(|e| StateError::Io {
-                        path: PathBuf::from("(state reader)"),
-                        source: std::io::Error::other(e.to_string()),
-                    })??
-            }
-            Backend::Redis(r) => r.read(account).await?,
-        };
-        let Some(bytes) = bytes else {
+        let Some(bytes) = self.read_raw(account).await? else {
             return Ok(false);
         };
         match record::decode(&bytes, self.keys.as_deref(), Some(account)) {
@@ -688,6 +675,23 @@ impl TokenStore {
         }
     }
 
+    /// One account's stored record bytes (`None`: no record, or no store).
+    async fn read_raw(&self, account: &Arc<str>) -> Result<Option<Vec<u8>>, StateError> {
+        match &self.backend {
+            Backend::Memory => Ok(None),
+            Backend::Dir(d) => {
+                let (d, a) = (d.clone(), account.clone());
+                tokio::task::spawn_blocking(move || d.read(&a))
+                    .await
+                    .map_err(|e| StateError::Io {
+                        path: PathBuf::from("(state reader)"),
+                        source: std::io::Error::other(e.to_string()),
+                    })?
+            }
+            Backend::Redis(r) => r.read(account).await,
+        }
+    }
+
     /// Takes `account`'s spend lease (waiting up to the lease's length for another
     /// process to finish), so that no other process spends its refresh token until the
     /// guard is dropped and the rotation written. Re-read the record after this.
@@ -695,6 +699,13 @@ impl TokenStore {
         self: &Arc<Self>,
         account: &Arc<str>,
     ) -> Result<LeaseGuard, StateError> {
+        if !self.is_durable() {
+            // In memory: nothing shared, nothing to hold (the caller's own lock serializes).
+            return Ok(LeaseGuard {
+                store: self.clone(),
+                account: account.clone(),
+            });
+        }
         {
             let mut held = lock(&self.held);
             if let Some(h) = held.get_mut(account) {
@@ -911,11 +922,23 @@ impl TokenStore {
         if newer_written {
             return Ok(());
         }
-        let _own = if self.holds(&job.account) {
+        let own = if self.holds(&job.account) {
             None
         } else {
             Some(self.acquire(&job.account, self.lease).await?)
         };
+        // Under a lease taken for this write (a consent stored from outside a refresh),
+        // this write replaces whatever is stored: follow the stored generation. Under the
+        // spender's lease, follow the one it read: a mismatch means another process wrote.
+        if own.is_some() {
+            if let Some(g) = self
+                .read_raw(&job.account)
+                .await?
+                .and_then(|b| record::generation_of(&b))
+            {
+                lock(&self.generations).insert(job.account.clone(), g);
+            }
+        }
         let expected = lock(&self.generations)
             .get(&job.account)
             .copied()

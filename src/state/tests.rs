@@ -106,7 +106,9 @@ async fn two_processes_share_a_directory_one_spender_per_account() {
     let dir = tempfile::tempdir().unwrap();
     let (one, _) = TokenStore::open(dir.path()).unwrap();
     let (two, _) = TokenStore::open(dir.path()).unwrap();
-    let (one, two) = (Arc::new(one), Arc::new(two));
+    // A third process (a `consent` run) opened before any rotation.
+    let (three, _) = TokenStore::open(dir.path()).unwrap();
+    let (one, two, three) = (Arc::new(one), Arc::new(two), Arc::new(three));
     let a: Arc<str> = Arc::from("a");
     let cfg = Secret::new("rt-0");
     let guard = one.lock_account(&a).await.unwrap();
@@ -128,7 +130,9 @@ async fn two_processes_share_a_directory_one_spender_per_account() {
     assert_eq!(two.current(&a, Some(&cfg)).unwrap().0.expose(), "rt-1");
     two.rotate(&a, origin, Secret::new("rt-2")).await.unwrap();
     drop(guard);
-    // A write that follows a stale generation is refused, and the stored record is used.
+    // Under the lease, a write that follows a stale generation (this process did not
+    // re-read: its lease had lapsed) is refused, and the stored record is used.
+    let guard = one.lock_account(&a).await.unwrap();
     let e = one
         .rotate(&a, origin, Secret::new("stale"))
         .await
@@ -146,6 +150,15 @@ async fn two_processes_share_a_directory_one_spender_per_account() {
     );
     assert_eq!(one.current(&a, Some(&cfg)).unwrap().0.expose(), "rt-2");
     assert_eq!(one.unpersisted_count(), 0);
+    drop(guard);
+    // Outside a refresh (a consent stored by another process), a write replaces whatever
+    // is stored, under a lease taken for it.
+    three
+        .rotate(&a, [0; 32], Secret::new("consented"))
+        .await
+        .unwrap();
+    assert!(one.reload_record(&a).await.unwrap());
+    assert_eq!(one.current(&a, None).unwrap().0.expose(), "consented");
 }
 
 #[tokio::test]
