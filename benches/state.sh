@@ -44,8 +44,8 @@ upstream_calls() {
   curl -fsS "http://127.0.0.1:$SIDE_PORT/metrics" |
     awk '/^ee_auth_upstream_duration_seconds_count/ {s+=$2} END {print s+0}'
 }
-# Starts the sidecar with the given flags; sets `side`, prints seconds to /readyz and the
-# upstream calls made by then.
+# Starts the sidecar with the given flags (in this shell: `side` is its pid); sets `secs`
+# (spawn to /readyz) and `calls` (upstream calls made by then).
 start_sidecar() {
   SIDE_PORT=$(port)
   local t0 t1
@@ -56,29 +56,30 @@ start_sidecar() {
   side=$!; pids+=($side)
   wait_ready "http://127.0.0.1:$SIDE_PORT/readyz" 900
   t1=$(date +%s.%N)
-  echo "$(python3 -c "print(f'{$t1 - $t0:.2f}')") $(upstream_calls)"
+  secs=$(python3 -c "print(f'{$t1 - $t0:.2f}')")
+  calls=$(upstream_calls)
 }
 stop_sidecar() { kill -TERM "$side"; wait "$side" 2>/dev/null || true; }
 
 echo "accounts=$ACCOUNTS provider_delay=${DELAY_MS}ms cores=$(nproc) $(redis-server --version | cut -d' ' -f3)"
 start_mock "$DELAY_MS" 0
 sealed=(--state "$REDIS" --state-prefix warm: --state-key-file "$work/state.key" --prewarm-concurrency 16)
-read -r secs calls < <(start_sidecar "${sealed[@]}")
+start_sidecar "${sealed[@]}"
 echo "1. cold start, tokens from the provider: ready in ${secs} s, ${calls} upstream calls"
 stop_sidecar
-read -r secs calls < <(start_sidecar "${sealed[@]}")
+start_sidecar "${sealed[@]}"
 echo "1. restart on the warm Redis store:       ready in ${secs} s, ${calls} upstream calls"
 stop_sidecar
 kill "$mock"
 
 start_mock 0 1
-read -r mem _ < <(start_sidecar --prewarm-concurrency 1)
+start_sidecar --prewarm-concurrency 1; mem=$secs
 stop_sidecar
-read -r dir _ < <(start_sidecar --prewarm-concurrency 1 --state-dir "$work/state")
+start_sidecar --prewarm-concurrency 1 --state-dir "$work/state"; dir=$secs
 stop_sidecar
-read -r red _ < <(start_sidecar --prewarm-concurrency 1 --state "$REDIS" --state-prefix lock:)
+start_sidecar --prewarm-concurrency 1 --state "$REDIS" --state-prefix lock:; red=$secs
 stop_sidecar
-read -r sred _ < <(start_sidecar --prewarm-concurrency 1 --state "$REDIS" --state-prefix sealed: --state-key-file "$work/state.key")
+start_sidecar --prewarm-concurrency 1 --state "$REDIS" --state-prefix sealed: --state-key-file "$work/state.key"; sred=$secs
 stop_sidecar
 python3 - "$ACCOUNTS" "$mem" "$dir" "$red" "$sred" <<'PY'
 import sys

@@ -626,6 +626,9 @@ async fn open_state(args: &StateArgs) -> Result<crate::state::TokenStore, i32> {
     o.prefix = args.state_prefix.clone();
     o.keys = load_keys(args.state_key_file.as_deref())?;
     o.lease = UPSTREAM_TIMEOUT + Duration::from_secs(2);
+    if matches!(o.location, crate::state::Location::Redis(_)) && o.keys.is_none() {
+        eprintln!("warning: the Redis state store is not encrypted (no --state-key-file): its refresh tokens are readable by anyone who can read that Redis");
+    }
     match crate::state::TokenStore::connect(&o).await {
         Ok((s, warnings)) => {
             for w in warnings {

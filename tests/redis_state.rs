@@ -453,3 +453,37 @@ async fn state_migrate_copies_a_directory_into_redis_and_back_refusing_while_a_s
         "every store had the live token"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_store_without_a_key_is_a_loud_warning_at_start() {
+    let redis = RedisServer::start().await;
+    let idp = MockIdp::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path());
+    let cfg = write_config(dir.path(), &config(&idp, &[("a", "rt-a")]));
+    let url = redis.url();
+    let base = [
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state",
+        &url,
+        "--prewarm-concurrency",
+        "0",
+    ];
+    let bin = env!("CARGO_BIN_EXE_ee-auth-sidecar");
+    let plain = SidecarProc::spawn(bin, &base);
+    let mut with_key = base.to_vec();
+    with_key.extend(["--state-key-file", keys.to_str().unwrap()]);
+    let sealed = SidecarProc::spawn(bin, &with_key);
+    let warned = |p: &SidecarProc| {
+        p.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("NOT ENCRYPTED") && l.contains("WARN"))
+    };
+    assert!(warned(&plain), "{:?}", plain.log.lock().unwrap());
+    assert!(!warned(&sealed), "{:?}", sealed.log.lock().unwrap());
+    plain.kill();
+    sealed.kill();
+}

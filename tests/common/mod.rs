@@ -986,6 +986,8 @@ impl Drop for RedisServer {
 pub struct SidecarProc {
     pub child: std::process::Child,
     pub addr: SocketAddr,
+    /// Every log line so far.
+    pub log: Arc<Mutex<Vec<String>>>,
 }
 
 impl SidecarProc {
@@ -1003,12 +1005,15 @@ impl SidecarProc {
             .expect("start the sidecar binary");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let kept = log.clone();
         // Reads the log for the bound address, then keeps draining it so the child never
         // blocks on a full pipe.
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in std::io::BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                kept.lock().unwrap().push(line.clone());
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                     if v["message"] == "listening" {
                         if let (Some(tx), Some(a)) = (tx.take(), v["addr"].as_str()) {
@@ -1024,7 +1029,7 @@ impl SidecarProc {
         let addr = rx
             .recv_timeout(Duration::from_secs(20))
             .expect("the sidecar logs its address");
-        SidecarProc { child, addr }
+        SidecarProc { child, addr, log }
     }
 
     /// SIGKILL, and waits for it to be gone.
