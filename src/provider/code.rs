@@ -240,6 +240,8 @@ mod tests {
                 "signing_failed",
                 "fetch_task_failed",
                 "shutting_down",
+                "state_unavailable",
+                "state_record_refused",
             ]
         );
         for c in OurCode::ALL {
