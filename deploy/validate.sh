@@ -72,10 +72,11 @@ declare -A variants=(
     [base]=base
     [example]=overlays/example
     [example-pre-1.29]=overlays/example-pre-1.29
+    [example-redis]=overlays/example-redis
     [set-authserver]=set-authserver
 )
 step "kubectl kustomize"
-for name in base example example-pre-1.29 set-authserver; do
+for name in base example example-pre-1.29 example-redis set-authserver; do
     kubectl kustomize "$k8s/${variants[$name]}" >"$rendered/$name.yaml"
     kinds="$(python - "$rendered/$name.yaml" <<'EOF'
 import collections, sys, yaml
@@ -96,8 +97,8 @@ validate() { # version file...
     done
 }
 step "kubernetes-validate (offline, bundled schemas)"
-validate "$k8s_min" "$rendered"/{base,example,set-authserver}.yaml
-validate "$k8s_latest" "$rendered"/{base,example,example-pre-1.29,set-authserver}.yaml
+validate "$k8s_min" "$rendered"/{base,example,example-redis,set-authserver}.yaml
+validate "$k8s_latest" "$rendered"/{base,example,example-pre-1.29,example-redis,set-authserver}.yaml
 validate "$k8s_legacy" "$rendered/example-pre-1.29.yaml"
 
 # --- 5. monitoring ----------------------------------------------------------------------

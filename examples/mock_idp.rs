@@ -1,8 +1,10 @@
 //! The tests' mock identity provider as a process, for load and soak scripts.
 //!
-//! Usage: mock_idp ADDR [LIFETIME_SECS] [TOKEN_BYTES] [FAILURE_PERCENT]
+//! Usage: mock_idp ADDR [LIFETIME_SECS] [TOKEN_BYTES] [FAILURE_PERCENT] [DELAY_MS] [ROTATE]
 //! Prints `listening on ADDR` when ready; issues refresh_token / client_credentials tokens.
 //! With FAILURE_PERCENT, that share of requests answers 503 (transient), chosen at random.
+//! DELAY_MS delays every answer (a real provider takes ~100 ms); ROTATE=1 issues a new
+//! refresh token on every refresh.
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
@@ -17,10 +19,14 @@ async fn main() {
     let lifetime: f64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(3600.0);
     let token_bytes: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(2000);
     let failure_percent: u32 = args.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let delay_ms: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let rotate = args.next().is_some_and(|s| s == "1");
     let idp = common::MockIdp::start_on(&addr).await;
     idp.with(|s| {
         s.lifetime = Some(lifetime);
         s.token_bytes = token_bytes;
+        s.delay = Duration::from_millis(delay_ms);
+        s.rotate = rotate;
     });
     println!("listening on {}", idp.addr);
     let mut tick = tokio::time::interval(Duration::from_millis(10));

@@ -119,6 +119,9 @@ pub enum Command {
     Token(Box<TokenArgs>),
     /// Sign the mailbox owner in and store the account's refresh token (consent).
     Consent(Box<ConsentArgs>),
+    /// Manage the state store.
+    #[command(subcommand)]
+    State(StateCommand),
     /// Exit 0 if a URL answers 2xx (a probe for images without a shell or curl).
     Probe {
         /// The URL, e.g. http://127.0.0.1:8080/readyz
@@ -127,6 +130,93 @@ pub enum Command {
         #[arg(long, default_value = "2s", value_parser = duration_in(millis(100), secs(60)))]
         timeout: Duration,
     },
+}
+
+/// `state` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum StateCommand {
+    /// Copy every record from one state store to another (a directory or a Redis URL),
+    /// refusing while a sidecar holds either; records are re-sealed with --to-key-file.
+    Migrate(Box<MigrateArgs>),
+}
+
+/// `state migrate` flags.
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// The source: a state directory or redis://… / rediss://…
+    #[arg(long)]
+    pub from: String,
+    /// The target: a state directory or redis://… / rediss://…
+    #[arg(long)]
+    pub to: String,
+    /// Keys of the source's records (default: --state-key-file's).
+    #[arg(long)]
+    pub from_key_file: Option<PathBuf>,
+    /// Keys to seal the target's records with (default: --state-key-file's).
+    #[arg(long)]
+    pub to_key_file: Option<PathBuf>,
+    /// Keys of both stores (the sidecar's --state-key-file).
+    #[arg(long, env = "EE_AUTH_STATE_KEY_FILE")]
+    pub state_key_file: Option<PathBuf>,
+    /// Key prefix of the Redis store(s).
+    #[arg(long, default_value = crate::state::DEFAULT_PREFIX, env = "EE_AUTH_STATE_PREFIX")]
+    pub state_prefix: String,
+}
+
+/// Flags that choose the state store (`serve` and `token`).
+#[derive(Args, Debug, Clone)]
+pub struct StateArgs {
+    /// Directory for rotated refresh tokens (without it, or --state, they live in memory
+    /// only). Several processes may share one.
+    #[arg(long, env = "EE_AUTH_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Redis state store instead of --state-dir: redis://[user:pass@]host:port/db or
+    /// rediss://… (EmailEngine's Redis; keys under --state-prefix).
+    #[arg(long, env = "EE_AUTH_STATE", conflicts_with = "state_dir", value_parser = redis_url)]
+    pub state: Option<String>,
+    /// Key prefix in the Redis store.
+    #[arg(long, default_value = crate::state::DEFAULT_PREFIX, env = "EE_AUTH_STATE_PREFIX", value_parser = state_prefix)]
+    pub state_prefix: String,
+    /// Keys that seal the state records (AES-256-GCM): one 32-byte key per line, hex or
+    /// base64, newest first.
+    #[arg(long, env = "EE_AUTH_STATE_KEY_FILE")]
+    pub state_key_file: Option<PathBuf>,
+}
+
+/// Why a `--state` value is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateFlagError {
+    /// Not a Redis URL.
+    #[error("must be a redis://[user:pass@]host:port/db or rediss://… URL (for a directory use --state-dir)")]
+    NotRedis,
+    /// Too long.
+    #[error("longer than 2048 characters")]
+    TooLong,
+    /// A bad prefix.
+    #[error("must be 1 to 64 characters of A-Z a-z 0-9 : _ . -")]
+    Prefix,
+}
+
+fn redis_url(s: &str) -> Result<String, StateFlagError> {
+    if s.len() > 2048 {
+        return Err(StateFlagError::TooLong);
+    }
+    match crate::state::Location::parse(s) {
+        crate::state::Location::Redis(u) => Ok(u),
+        _ => Err(StateFlagError::NotRedis),
+    }
+}
+
+fn state_prefix(s: &str) -> Result<String, StateFlagError> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":_.-".contains(&b));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(StateFlagError::Prefix)
+    }
 }
 
 /// Logging flags.
@@ -164,9 +254,9 @@ pub struct ServeArgs {
     /// Address to listen on; non-loopback needs --allow-remote and `auth`.
     #[arg(long, default_value = "127.0.0.1:8080", env = "EE_AUTH_LISTEN")]
     pub listen: SocketAddr,
-    /// Directory for rotated refresh tokens (without it they live in memory only).
-    #[arg(long, env = "EE_AUTH_STATE_DIR")]
-    pub state_dir: Option<PathBuf>,
+    /// The state store.
+    #[command(flatten)]
+    pub state: StateArgs,
     /// Path of the token endpoint.
     #[arg(long, default_value = "/authentication", env = "EE_AUTH_PATH")]
     pub path: String,
@@ -253,10 +343,10 @@ pub struct TokenArgs {
     /// Print the token instead of a masked form.
     #[arg(long)]
     pub show_token: bool,
-    /// Use (and update) the rotated refresh tokens of this state directory. It is locked
-    /// while in use: a sidecar running on it makes `token` fail (and the other way round).
-    #[arg(long, env = "EE_AUTH_STATE_DIR")]
-    pub state_dir: Option<PathBuf>,
+    /// Use (and update) the rotated refresh tokens of this state store (the sidecar's,
+    /// running or not: the account's lease keeps the two from spending one token).
+    #[command(flatten)]
+    pub state: StateArgs,
     /// Spend a refresh token without --state-dir: a rotating provider's new refresh token
     /// is then thrown away, and the sidecar's next refresh with the old one may fail.
     #[arg(long)]
@@ -288,9 +378,10 @@ pub struct ConsentArgs {
     /// for Google).
     #[arg(long, value_enum)]
     pub flow: Option<FlowArg>,
-    /// The sidecar's state directory, where the token is stored.
-    #[arg(long, env = "EE_AUTH_STATE_DIR")]
-    pub state_dir: Option<PathBuf>,
+    /// The sidecar's state store, where the token is stored (it may run beside the
+    /// sidecar: the account's lease keeps the two from writing over each other).
+    #[command(flatten)]
+    pub state: StateArgs,
     /// Store the token even if the person who signed in is not the account's `user`.
     #[arg(long)]
     pub accept_user: bool,
@@ -325,7 +416,10 @@ impl ServeArgs {
         let config = self.config.ok_or(OptionsError::NoConfig)?;
         let mut o = Options::new(config);
         o.listen = self.listen;
-        o.state_dir = self.state_dir;
+        o.state_dir = self.state.state_dir;
+        o.state = self.state.state;
+        o.state_prefix = self.state.state_prefix;
+        o.state_key_file = self.state.state_key_file;
         if !self.path.starts_with('/') {
             return Err(OptionsError::Path(self.path));
         }
@@ -472,29 +566,22 @@ pub async fn token(args: &TokenArgs) -> i32 {
             let set = o.set_for(proto).clone();
             // Only the refresh_token grant spends something a provider may rotate.
             let spends_refresh_token = set.grant == crate::credentials::Grant::RefreshToken;
-            if spends_refresh_token && args.state_dir.is_none() && !args.allow_unpersisted {
+            let no_store = args.state.state_dir.is_none() && args.state.state.is_none();
+            if spends_refresh_token && no_store && !args.allow_unpersisted {
                 eprintln!(
                     "error: refusing to spend the refresh token of `{}` without --state-dir: a provider that rotates refresh tokens (Microsoft, strict-rotation providers) would revoke the current one and the new one would be lost, so the sidecar's next refresh fails with invalid_grant; pass --state-dir DIR (the sidecar's, while it is stopped) to keep the new token, or --allow-unpersisted if the provider does not rotate",
                     args.account
                 );
                 return 2;
             }
-            // A grant that rotates nothing needs (and locks) no state directory.
-            let state_dir = args.state_dir.as_ref().filter(|_| spends_refresh_token);
-            let store = match state_dir {
-                Some(dir) => match crate::state::TokenStore::open(dir) {
-                    Ok((s, warnings)) => {
-                        for w in warnings {
-                            eprintln!("warning: unreadable refresh-token record: {w}");
-                        }
-                        s
-                    }
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return 1;
-                    }
-                },
-                None => crate::state::TokenStore::in_memory(),
+            // A grant that rotates nothing needs no state store.
+            let store = if spends_refresh_token {
+                match open_state(&args.state).await {
+                    Ok(s) => s,
+                    Err(code) => return code,
+                }
+            } else {
+                crate::state::TokenStore::in_memory()
             };
             let store = std::sync::Arc::new(store);
             let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
@@ -540,7 +627,7 @@ pub async fn token(args: &TokenArgs) -> i32 {
                     eprintln!(
                         "error: the provider rotated the refresh token of `{}` and the new one could not be written to {}: {why}; the previous one is spent, so the account needs re-consent",
                         args.account,
-                        args.state_dir.as_deref().unwrap_or(std::path::Path::new("")).display()
+                        state_location(&args.state).describe()
                     );
                     return 1;
                 }
@@ -564,6 +651,52 @@ pub async fn token(args: &TokenArgs) -> i32 {
         println!("{}", mask_answer(&body));
     }
     0
+}
+
+fn state_location(args: &StateArgs) -> crate::state::Location {
+    match (&args.state, &args.state_dir) {
+        (Some(u), _) => crate::state::Location::Redis(u.clone()),
+        (None, Some(d)) => crate::state::Location::Dir(d.clone()),
+        (None, None) => crate::state::Location::Memory,
+    }
+}
+
+fn load_keys(
+    path: Option<&std::path::Path>,
+) -> Result<Option<std::sync::Arc<crate::state::Keyring>>, i32> {
+    match path {
+        None => Ok(None),
+        Some(p) => match crate::state::Keyring::load(p) {
+            Ok(k) => Ok(Some(std::sync::Arc::new(k))),
+            Err(e) => {
+                eprintln!("error: {e}");
+                Err(1)
+            }
+        },
+    }
+}
+
+/// Opens the state store of `token`; the exit code when it cannot be.
+async fn open_state(args: &StateArgs) -> Result<crate::state::TokenStore, i32> {
+    let mut o = crate::state::StoreOptions::new(state_location(args));
+    o.prefix = args.state_prefix.clone();
+    o.keys = load_keys(args.state_key_file.as_deref())?;
+    o.lease = UPSTREAM_TIMEOUT + Duration::from_secs(2);
+    if matches!(o.location, crate::state::Location::Redis(_)) && o.keys.is_none() {
+        eprintln!("warning: the Redis state store is not encrypted (no --state-key-file): its refresh tokens are readable by anyone who can read that Redis");
+    }
+    match crate::state::TokenStore::connect(&o).await {
+        Ok((s, warnings)) => {
+            for w in warnings {
+                eprintln!("warning: unreadable refresh-token record: {w}");
+            }
+            Ok(s)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(1)
+        }
+    }
 }
 
 /// `consent`: signs the mailbox owner in and stores the refresh token; returns the exit
@@ -598,22 +731,15 @@ pub async fn consent(args: &ConsentArgs) -> i32 {
             return 2;
         }
     };
-    let Some(state_dir) = &args.state_dir else {
-        eprintln!("error: consent needs --state-dir DIR (the sidecar's): the refresh token is stored there, and the sidecar takes it from there");
+    if args.state.state_dir.is_none() && args.state.state.is_none() {
+        eprintln!("error: consent needs the sidecar's state store, --state-dir DIR or --state redis://…: the refresh token is stored there, and the sidecar takes it from there");
         return 2;
-    };
-    // Opened before anyone is asked to sign in: a directory in use fails now.
-    let store = match crate::state::TokenStore::open(state_dir) {
-        Ok((s, warnings)) => {
-            for w in warnings {
-                eprintln!("warning: unreadable refresh-token record: {w}");
-            }
-            std::sync::Arc::new(s)
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            return 1;
-        }
+    }
+    let where_stored = state_location(&args.state).describe();
+    // Opened before anyone is asked to sign in: a store that cannot be used fails now.
+    let store = match open_state(&args.state).await {
+        Ok(s) => std::sync::Arc::new(s),
+        Err(code) => return code,
     };
     let http = match crate::upstream::http_client(UPSTREAM_TIMEOUT) {
         Ok(h) => h,
@@ -664,15 +790,13 @@ pub async fn consent(args: &ConsentArgs) -> i32 {
         Ok(c) => consent::store(&store, &target, c, args.accept_user).await,
         Err(e) => Err(e),
     };
-    // A write that failed gets one more try, and the directory's lock is released.
+    // A write that failed gets one more try, and the store is let go of.
     let lost = store.close().await;
     match stored {
         Ok(_) if !lost.is_empty() => {
             eprintln!(
                 "error: the refresh token of `{}` could not be written to {}: {}",
-                target.account,
-                state_dir.display(),
-                lost[0].1
+                target.account, where_stored, lost[0].1
             );
             1
         }
@@ -681,9 +805,44 @@ pub async fn consent(args: &ConsentArgs) -> i32 {
                 "stored a refresh token for `{}` (signed in as {}) in {}; a running sidecar uses it within --consent-poll-interval",
                 target.account,
                 signed_in.as_deref().unwrap_or("an identity not checked: --accept-user"),
-                state_dir.display()
+                where_stored
             );
             0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+/// `state migrate`: copies every record; returns the exit code.
+pub async fn migrate(args: &MigrateArgs) -> i32 {
+    let options = |loc: &str, key: Option<&std::path::Path>| {
+        let mut o = crate::state::StoreOptions::new(crate::state::Location::parse(loc));
+        o.prefix = args.state_prefix.clone();
+        o.keys = load_keys(key.or(args.state_key_file.as_deref()))?;
+        Ok::<_, i32>(o)
+    };
+    let (from, to) = match (
+        options(&args.from, args.from_key_file.as_deref()),
+        options(&args.to, args.to_key_file.as_deref()),
+    ) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(c), _) | (_, Err(c)) => return c,
+    };
+    match crate::state::migrate(&from, &to).await {
+        Ok((n, warnings)) => {
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
+            println!(
+                "copied {n} record(s) from {} to {}{}",
+                from.location.describe(),
+                to.location.describe(),
+                if to.keys.is_some() { ", sealed" } else { "" }
+            );
+            i32::from(!warnings.is_empty())
         }
         Err(e) => {
             eprintln!("error: {e}");

@@ -168,10 +168,15 @@ impl Target {
                 why: "uses a provider without user sign-in",
             });
         };
+        // Microsoft's v2 endpoint takes the scopes of one resource per request (Outlook's
+        // or Graph's); one consent per resource, and the refresh token serves both.
+        let one_resource = matches!(*first.provider, crate::provider::Provider::Microsoft(_));
+        let resource = first.scopes.iter().find_map(|s| resource_of(s));
         let mut scopes: Vec<String> = Vec::new();
         let wanted = sets
             .iter()
             .flat_map(|s| s.scopes.iter().cloned())
+            .filter(|s| !one_resource || resource_of(s).is_none() || resource_of(s) == resource)
             .chain(["openid", "email"].map(str::to_owned))
             .chain(client.extra_scopes.iter().map(|s| (*s).to_owned()));
         for s in wanted {
@@ -642,8 +647,16 @@ pub fn identity_matches(id_token: &Secret, user: &str) -> Result<(), Option<Stri
     let Some(payload) = payload else {
         return Err(None);
     };
+    // `email` only when the provider says it verified it: Microsoft's is whatever the
+    // signer's tenant admin typed (its identity is `preferred_username` / `upn`), and
+    // Google marks an unverified one.
+    let verified = matches!(
+        payload.get("email_verified"),
+        Some(serde_json::Value::Bool(true))
+    ) || payload.get("email_verified").and_then(|v| v.as_str()) == Some("true");
     let names: Vec<&str> = ["email", "preferred_username", "upn"]
         .iter()
+        .filter(|claim| **claim != "email" || verified)
         .filter_map(|claim| payload.get(*claim).and_then(|v| v.as_str()))
         .collect();
     if names.iter().any(|n| n.eq_ignore_ascii_case(user)) {
@@ -689,6 +702,14 @@ pub async fn store(
     Ok(signed_in)
 }
 
+/// The resource a scope URL names (`https://graph.microsoft.com/` of
+/// `https://graph.microsoft.com/.default`); none for a bare scope such as `openid`.
+fn resource_of(scope: &str) -> Option<&str> {
+    let rest = scope.strip_prefix("https://")?;
+    let host_end = rest.find('/')?;
+    scope.get(.."https://".len() + host_end + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -706,10 +727,26 @@ mod tests {
     fn the_identity_is_any_of_the_usual_claims_case_insensitively() {
         let user = "Alice@Example.com";
         assert!(identity_matches(
-            &jwt(serde_json::json!({"email": "alice@example.com"})),
+            &jwt(serde_json::json!({"email": "alice@example.com", "email_verified": true})),
             user
         )
         .is_ok());
+        assert_eq!(
+            identity_matches(
+                &jwt(serde_json::json!({"email": "alice@example.com", "email_verified": false})),
+                user
+            ),
+            Err(None),
+            "an email the provider did not verify names nobody"
+        );
+        assert_eq!(
+            identity_matches(
+                &jwt(serde_json::json!({"email": "alice@example.com"})),
+                user
+            ),
+            Err(None),
+            "nor one it says nothing about (Microsoft's, set by any tenant's admin)"
+        );
         assert!(identity_matches(
             &jwt(serde_json::json!({"preferred_username": "ALICE@example.COM"})),
             user
@@ -722,7 +759,7 @@ mod tests {
         .is_ok());
         assert_eq!(
             identity_matches(
-                &jwt(serde_json::json!({"email": "mallory@example.com"})),
+                &jwt(serde_json::json!({"email": "mallory@example.com", "email_verified": true})),
                 user
             ),
             Err(Some("mallory@example.com".to_owned()))
@@ -732,6 +769,44 @@ mod tests {
             Err(None)
         );
         assert_eq!(identity_matches(&Secret::new("not-a-jwt"), user), Err(None));
+    }
+
+    #[test]
+    fn a_microsoft_consent_asks_for_one_resource_at_a_time() {
+        let config = crate::config::parse(
+            br#"{"providers": {"ms": {"type": "microsoft", "clientId": "c", "tenant": "t"}},
+                "accounts": {"a": {"user": "a@example.com", "provider": "ms"}}}"#,
+            std::path::Path::new("."),
+        )
+        .unwrap();
+        let account = config.account("a").unwrap();
+        let resources = |t: &Target| -> Vec<String> {
+            let mut r: Vec<String> = t
+                .scopes
+                .iter()
+                .filter_map(|s| resource_of(s))
+                .map(str::to_owned)
+                .collect();
+            r.dedup();
+            r
+        };
+        // Entra refuses scopes of two resources in one request: without --proto, the
+        // default set's (Outlook); Graph's with --proto api.
+        let all = Target::of(account, None).unwrap();
+        assert_eq!(
+            resources(&all),
+            ["https://outlook.office.com/"],
+            "{:?}",
+            all.scopes
+        );
+        assert!(all.scopes.iter().any(|s| s == "offline_access"));
+        let api = Target::of(account, Some(Proto::Api)).unwrap();
+        assert_eq!(
+            resources(&api),
+            ["https://graph.microsoft.com/"],
+            "{:?}",
+            api.scopes
+        );
     }
 
     #[test]

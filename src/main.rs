@@ -63,6 +63,7 @@ fn main() {
             Some(Command::Token(args)) => cli::token(&args).await,
             Some(Command::Consent(args)) => cli::consent(&args).await,
             Some(Command::Probe { url, timeout }) => cli::probe(&url, timeout).await,
+            Some(Command::State(cli::StateCommand::Migrate(args))) => cli::migrate(&args).await,
             Some(Command::Serve(args)) => serve(*args).await,
             None => serve(cli.serve).await,
         }

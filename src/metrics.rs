@@ -26,6 +26,8 @@ const LAST_RELOAD: &str = "ee_auth_config_last_reload_success_timestamp_seconds"
 const MIN_REMAINING: &str = "ee_auth_token_min_remaining_seconds";
 const PERSIST_FAILURES: &str = "ee_auth_state_persist_failures_total";
 const UNPERSISTED: &str = "ee_auth_state_unpersisted_accounts";
+const STORE_UP: &str = "ee_auth_state_store_up";
+const STORE_DOWN_FOR: &str = "ee_auth_state_store_unreachable_seconds";
 
 static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
@@ -223,6 +225,16 @@ impl Metrics {
                 .into(),
         );
         recorder.describe_gauge(
+            STORE_UP.into(),
+            None,
+            "1 while the state store answers (always for a directory or memory), 0 while the Redis store is unreachable.".into(),
+        );
+        recorder.describe_gauge(
+            STORE_DOWN_FOR.into(),
+            Some(Unit::Seconds),
+            "How long the Redis state store has been unreachable (0 while it answers).".into(),
+        );
+        recorder.describe_gauge(
             LAST_RELOAD.into(),
             Some(Unit::Seconds),
             "Unix time of the last successful config load.".into(),
@@ -397,6 +409,16 @@ impl Metrics {
             .register_gauge(&Key::from_name(MIN_REMAINING), &METADATA)
             .set(snapshot.min_remaining.map_or(f64::NAN, |m| m.as_secs_f64()));
         self.handle.render()
+    }
+
+    /// Sets the state store's health gauges (at scrape time).
+    pub fn state_store(&self, up: bool, unreachable: Duration) {
+        self.recorder
+            .register_gauge(&Key::from_name(STORE_UP), &METADATA)
+            .set(if up { 1.0 } else { 0.0 });
+        self.recorder
+            .register_gauge(&Key::from_name(STORE_DOWN_FOR), &METADATA)
+            .set(unreachable.as_secs_f64());
     }
 
     /// Drains histogram buffers; call periodically.

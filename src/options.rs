@@ -15,8 +15,14 @@ pub struct Options {
     pub config_path: PathBuf,
     /// Where to listen.
     pub listen: SocketAddr,
-    /// Where rotated refresh tokens are persisted; memory only without it.
+    /// Where rotated refresh tokens are persisted; memory only without it (or `state`).
     pub state_dir: Option<PathBuf>,
+    /// A Redis state store (`redis://…` / `rediss://…`), instead of `state_dir`.
+    pub state: Option<String>,
+    /// Key prefix in the Redis store.
+    pub state_prefix: String,
+    /// Keys that seal state records, newest first (hex or base64, one per line).
+    pub state_key_file: Option<PathBuf>,
     /// The token endpoint's path.
     pub path: String,
     /// Permit a non-loopback listen address (requires `auth`).
@@ -62,6 +68,9 @@ impl Options {
             config_path: config_path.into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             state_dir: None,
+            state: None,
+            state_prefix: crate::state::DEFAULT_PREFIX.into(),
+            state_key_file: None,
             path: "/authentication".into(),
             allow_remote: false,
             tls: None,
@@ -79,6 +88,32 @@ impl Options {
             forced_refresh_interval: Duration::from_secs(10),
             consent_poll_interval: Duration::from_secs(10),
         }
+    }
+}
+
+impl Options {
+    /// Where the state lives: Redis, a directory, or memory.
+    pub fn state_location(&self) -> crate::state::Location {
+        use crate::state::Location;
+        match (&self.state, &self.state_dir) {
+            (Some(url), _) => Location::Redis(url.clone()),
+            (None, Some(dir)) => Location::Dir(dir.clone()),
+            (None, None) => Location::Memory,
+        }
+    }
+
+    /// How the state store is opened (the key file is read by the caller).
+    pub fn store_options(
+        &self,
+        keys: Option<std::sync::Arc<crate::state::Keyring>>,
+    ) -> crate::state::StoreOptions {
+        let mut o = crate::state::StoreOptions::new(self.state_location());
+        o.prefix = self.state_prefix.clone();
+        o.keys = keys;
+        // Longer than one upstream call (renewed while it runs): a process that dies
+        // holding it blocks the account's refreshes for at most this long.
+        o.lease = self.upstream_timeout.saturating_add(Duration::from_secs(2));
+        o
     }
 }
 

@@ -38,17 +38,17 @@ pub async fn poll(sidecar: Arc<Sidecar>, interval: Duration, mut shutdown: watch
             continue;
         }
         let store = sidecar.token_store().clone();
-        let read = tokio::task::spawn_blocking(move || {
-            batch
-                .into_iter()
-                .map(|account| {
-                    let changed = store.reload_record(&account);
-                    (account, changed)
-                })
-                .collect::<Vec<_>>()
-        })
-        .await;
-        let Ok(read) = read else { continue };
+        let upstream = sidecar.cache().upstream().clone();
+        let mut read = Vec::with_capacity(batch.len());
+        for account in batch {
+            // Under the account's lock: a rotation or a consent being written in this
+            // process is never overtaken by the older record the store still holds.
+            let changed = {
+                let _held = upstream.hold_account(&account).await;
+                store.reload_record(&account).await
+            };
+            read.push((account, changed));
+        }
         for (account, changed) in read {
             match changed {
                 Ok(true) if spends_the_stored_token(&sidecar, &account) => {

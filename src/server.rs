@@ -332,6 +332,12 @@ async fn route(
             }
         }
         "/metrics" => {
+            let health = sidecar.token_store().health();
+            let down_for = health
+                .unreachable_since
+                .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+                .unwrap_or_default();
+            sidecar.metrics.state_store(health.reachable, down_for);
             let mut resp = Response::new(Full::new(Bytes::from(sidecar.render_metrics())));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -665,6 +671,8 @@ fn list(sidecar: &Sidecar, config: &Config, page: &Page) -> Bytes {
     let mut out = Vec::with_capacity(256 + shown.len() * 512);
     out.extend_from_slice(b"{\"config\":");
     let _ = serde_json::to_writer(&mut out, &sidecar.reload_status());
+    out.extend_from_slice(b",\"stateStore\":");
+    let _ = serde_json::to_writer(&mut out, &StoreView::from(sidecar.token_store().health()));
     out.extend_from_slice(if sidecar.is_ready() {
         b",\"ready\":true,\"accounts\":"
     } else {
@@ -710,6 +718,43 @@ fn to_json_bytes<T: serde::Serialize>(v: &T) -> Bytes {
     Bytes::from(serde_json::to_vec(v).unwrap_or_default())
 }
 
+/// The state store's health as the admin API shows it.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StoreView {
+    backend: &'static str,
+    location: String,
+    encrypted: bool,
+    reachable: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unreachable_since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unreachable_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+impl From<crate::state::StoreHealth> for StoreView {
+    fn from(h: crate::state::StoreHealth) -> Self {
+        StoreView {
+            backend: h.backend,
+            location: h.location,
+            encrypted: h.encrypted,
+            reachable: h.reachable,
+            unreachable_since: h
+                .unreachable_since
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            unreachable_seconds: h.unreachable_since.map(|t| {
+                std::time::SystemTime::now()
+                    .duration_since(t)
+                    .unwrap_or_default()
+                    .as_secs()
+            }),
+            error: h.error,
+        }
+    }
+}
+
 /// An account as the admin API shows it.
 #[derive(serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -739,7 +784,7 @@ struct PersistView {
 impl From<PersistStatus> for PersistView {
     fn from(p: PersistStatus) -> Self {
         PersistView {
-            state: "memory_only",
+            state: p.state,
             error: p.error,
             since: humantime::format_rfc3339_seconds(p.since).to_string(),
             failed_writes: p.attempts,

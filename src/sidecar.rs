@@ -114,12 +114,12 @@ impl Running {
         if store.is_durable() {
             for (account, error) in &unpersisted {
                 tracing::error!(account = %account, error = %error,
-                    "stopping with this account's newest refresh token only in memory: the state directory could not be written; the account needs re-consent after the restart");
+                    "stopping with this account's newest refresh token only in memory: the state store could not be written; the account needs re-consent after the restart");
             }
         } else if !unpersisted.is_empty() {
             tracing::warn!(
                 accounts = unpersisted.len(),
-                "no --state-dir: the rotated refresh tokens of these accounts are lost now"
+                "no --state-dir or --state: the rotated refresh tokens of these accounts are lost now"
             );
         }
         ShutdownReport {
@@ -176,34 +176,57 @@ fn connection_cap(options: &Options, config: &Config) -> usize {
     cap
 }
 
-/// Builds the shared state from a validated config; returns it with the entries to
-/// pre-warm.
-fn build(
-    config: Config,
-    options: Options,
-) -> Result<(Arc<Sidecar>, Vec<Arc<crate::cache::KeyEntry>>), StartError> {
-    let metrics = Arc::new(Metrics::new());
-    let store = match &options.state_dir {
-        Some(dir) => {
-            let (store, warnings) = TokenStore::open(dir)?;
-            for w in warnings {
-                tracing::warn!(record = %w, "unreadable refresh-token record");
-            }
-            tracing::info!(dir = %dir.display(), restored = store.len(), "rotated refresh tokens are persisted");
-            store
-        }
-        None => {
+/// Opens the state store the options name, logging what it restored and any record it
+/// could not use.
+pub(crate) async fn open_store(
+    options: &Options,
+    config: &Config,
+) -> Result<TokenStore, StartError> {
+    let keys = match &options.state_key_file {
+        Some(path) => Some(Arc::new(
+            crate::state::Keyring::load(path).map_err(crate::state::StateError::from)?,
+        )),
+        None => None,
+    };
+    let store_options = options.store_options(keys.clone());
+    let location = store_options.location.clone();
+    let (store, warnings) = TokenStore::connect(&store_options).await?;
+    for w in warnings {
+        tracing::warn!(record = %w, "unreadable refresh-token record");
+    }
+    match &location {
+        crate::state::Location::Memory => {
             // Only refresh-token grants can rotate; a config of passwords, static
             // tokens and app-only grants loses nothing on restart.
             if config
                 .credential_sets()
                 .any(|s| s.grant == Grant::RefreshToken)
             {
-                tracing::warn!("no --state-dir: rotated refresh tokens are kept in memory only and are LOST on restart; accounts whose provider rotates refresh tokens (Microsoft) will fail once the config's token expires");
+                tracing::warn!("no --state-dir or --state: rotated refresh tokens are kept in memory only and are LOST on restart; accounts whose provider rotates refresh tokens (Microsoft) will fail once the config's token expires");
             }
-            TokenStore::in_memory()
         }
-    };
+        crate::state::Location::Dir(dir) => {
+            tracing::info!(dir = %dir.display(), restored = store.len(), encrypted = keys.is_some(), "rotated refresh tokens are persisted");
+        }
+        crate::state::Location::Redis(_) => {
+            tracing::info!(store = %location.describe(), prefix = %options.state_prefix, restored = store.len(), encrypted = keys.is_some(), "rotated refresh tokens and access tokens are kept in Redis");
+            if keys.is_none() {
+                tracing::warn!(store = %location.describe(),
+                    "THE REDIS STATE STORE IS NOT ENCRYPTED: refresh and access tokens are readable by anyone who can read this Redis (often shared with EmailEngine and more); pass --state-key-file with a 32-byte key");
+            }
+        }
+    }
+    Ok(store)
+}
+
+/// Builds the shared state from a validated config; returns it with the entries to
+/// pre-warm.
+async fn build(
+    config: Config,
+    options: Options,
+) -> Result<(Arc<Sidecar>, Vec<Arc<crate::cache::KeyEntry>>), StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let store = open_store(&options, &config).await?;
     let store = Arc::new(store);
     store.report_unpersisted(metrics.unpersisted_gauge());
     let http = http_client(options.upstream_timeout)?;
@@ -250,7 +273,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         source,
     })?;
     let max_connections = connection_cap(&options, &config);
-    let (sidecar, warm) = build(config, options)?;
+    let (sidecar, warm) = build(config, options).await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tracing::info!(
         addr = %local_addr,

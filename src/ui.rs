@@ -308,7 +308,14 @@ fn start_sign_in(sidecar: &Arc<Sidecar>, ui: &Arc<Ui>, target: Target) -> bool {
         })
         .await;
         let stored = match got {
-            Ok(c) => consent::store(sidecar.token_store(), &target, c, false).await,
+            Ok(c) => {
+                // A refresh of the account under way finishes (and writes any rotation)
+                // first: the consented token is the one left.
+                let account: Arc<str> = Arc::from(target.account.as_ref());
+                let upstream = sidecar.cache().upstream().clone();
+                let _held = upstream.hold_account(&account).await;
+                consent::store(sidecar.token_store(), &target, c, false).await
+            }
             Err(e) => Err(e),
         };
         match stored {

@@ -16,8 +16,10 @@ use tokio::sync::{watch, Semaphore};
 use crate::config::CredentialSet;
 use crate::credentials::Grant;
 use crate::metrics::Metrics;
-use crate::provider::{ErrorCode, OAuthCode, OurCode, ProviderError, TokenGrant, TokenRequest};
-use crate::state::TokenStore;
+use crate::provider::{
+    ErrorCode, ExpiresIn, OAuthCode, OurCode, Provider, ProviderError, TokenGrant, TokenRequest,
+};
+use crate::state::{StateError, TokenStore};
 
 /// The HTTP client and the shared limits for token fetches.
 pub struct Upstream {
@@ -32,6 +34,9 @@ pub struct Upstream {
     calls_count: watch::Sender<usize>,
     /// Accounts that need a new refresh token (`pickup` looks for theirs).
     awaiting: Arc<Awaiting>,
+    /// Credential sets fetched by this process: only a first fetch takes an access token
+    /// kept in the store (a warm restart).
+    warmed: Mutex<std::collections::HashSet<[u8; 16]>>,
 }
 
 /// Calls sent to providers and not finished yet; `closing` once shutdown began.
@@ -102,6 +107,7 @@ impl Upstream {
             calls: Mutex::new(Calls::default()),
             calls_count: watch::Sender::new(0),
             awaiting: Arc::default(),
+            warmed: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -202,16 +208,7 @@ impl Upstream {
     /// without losing the time spent waiting for the account lock or the provider cap.
     pub async fn fetch(&self, set: &CredentialSet) -> Result<(TokenGrant, SentAt), ProviderError> {
         let _held = match set.grant {
-            Grant::RefreshToken => {
-                let lock = self.account_lock(&set.key.account);
-                let mut held = HeldAccountLock {
-                    upstream: self,
-                    account: &set.key.account,
-                    guard: None,
-                };
-                held.guard = Some(lock.lock_owned().await);
-                Some(held)
-            }
+            Grant::RefreshToken => Some(self.hold_account(&set.key.account).await),
             _ => None,
         };
         let result = self.fetch_locked(set).await;
@@ -225,20 +222,65 @@ impl Upstream {
         result
     }
 
+    /// Holds the account's refresh lock in this process: a refresh of the account waits
+    /// until it is dropped. Writing a consented token or re-reading the account's record
+    /// under it, a refresh under way never writes its rotation over them afterwards.
+    pub async fn hold_account<'a>(&'a self, account: &'a Arc<str>) -> impl Drop + 'a {
+        let lock = self.account_lock(account);
+        let mut held = HeldAccountLock {
+            upstream: self,
+            account,
+            guard: None,
+        };
+        held.guard = Some(lock.lock_owned().await);
+        held
+    }
+
     /// [`Upstream::fetch`] once the account's lock (if its grant needs one) is held.
+    ///
+    /// A refresh token that may rotate is spent only under the account's lease in the
+    /// state store (other processes may share it), after re-reading the stored record,
+    /// and its rotation is written (compare-and-set) before the answer is used.
     async fn fetch_locked(
         &self,
         set: &CredentialSet,
     ) -> Result<(TokenGrant, SentAt), ProviderError> {
         let account = &set.key.account;
-        let spend = match set.grant {
-            Grant::RefreshToken => match self.store.current(account, set.refresh_token.as_ref()) {
-                Some(spend) => Some(spend),
-                // Nothing to spend: no call, the account waits for consent.
-                None => return Err(consent_required()),
-            },
-            _ => None,
+        let rotating = may_rotate(set);
+        let _lease = if rotating {
+            let lease = self.store.lock_account(account).await.map_err(|e| {
+                tracing::warn!(account = %account, error = %e,
+                    "refresh not sent: the account's lease in the state store could not be taken (a refresh token that may rotate is never spent without it); retried with back-off");
+                ProviderError::transient(STATE_UNAVAILABLE)
+            })?;
+            match self.store.reload_record(account).await {
+                Ok(_) => {}
+                Err(StateError::Refused { .. }) => return Err(refused()),
+                Err(e) => {
+                    tracing::warn!(account = %account, error = %e,
+                        "refresh not sent: the account's record could not be re-read from the state store; retried with back-off");
+                    return Err(ProviderError::transient(STATE_UNAVAILABLE));
+                }
+            }
+            Some(lease)
+        } else {
+            None
         };
+        if self.store.refused(account).is_some() {
+            return Err(refused());
+        }
+        if let Some(grant) = self.warm_from_store(set).await {
+            return Ok(grant);
+        }
+        let spend = if set.grant == Grant::RefreshToken || set.refresh_token.is_some() {
+            self.store.current(account, set.refresh_token.as_ref())
+        } else {
+            None
+        };
+        if set.grant == Grant::RefreshToken && spend.is_none() {
+            // Nothing to spend: no call, the account waits for consent.
+            return Err(consent_required());
+        }
         let permit = self
             .cap(&set.provider_name)
             .acquire_owned()
@@ -268,16 +310,120 @@ impl Upstream {
         let grant = result?;
         if let (Some(new), Some((old, origin))) = (&grant.refresh_token, &spend) {
             if new != old {
-                if let Err(e) = self.store.rotate(account, *origin, new.clone()).await {
-                    self.metrics.persist_failure();
-                    tracing::error!(account = %account, error = %e,
-                        "could not write a rotated refresh token to the state directory; it is kept in memory and used, and the write is retried (the account is lost if the sidecar stops before a write succeeds)");
+                match self.store.rotate(account, *origin, new.clone()).await {
+                    Ok(()) => {}
+                    Err(e @ StateError::Conflict { .. }) => {
+                        // Our lease was lost (the store was unreachable for longer than
+                        // it): another process rotated meanwhile. Its record is used.
+                        tracing::error!(account = %account, error = %e,
+                            "rotated refresh token not written: the stored record changed under the lease");
+                        return Err(ProviderError::transient(STATE_UNAVAILABLE));
+                    }
+                    Err(e) => {
+                        self.metrics.persist_failure();
+                        tracing::error!(account = %account, error = %e,
+                            "could not write a rotated refresh token to the state store; it is kept in memory and used, the account's lease is kept, and the write is retried (the account is lost if the sidecar stops before a write succeeds)");
+                    }
                 }
             }
         }
+        self.keep_for_warm_restart(set, &grant, sent_at);
         Ok((grant, sent_at))
     }
+
+    /// A fresh access token kept in the store by an earlier process, on this process's
+    /// first fetch of the credential set (a warm restart); later fetches go upstream.
+    async fn warm_from_store(&self, set: &CredentialSet) -> Option<(TokenGrant, SentAt)> {
+        // Not while the store does not answer: a grant that needs no lease goes on at once.
+        if !self.store.is_redis() || !self.store.health().reachable {
+            return None;
+        }
+        let name = access_name(set);
+        {
+            let mut seen = self.warmed.lock().unwrap_or_else(|p| p.into_inner());
+            if !seen.insert(set.fingerprint) {
+                return None;
+            }
+        }
+        let (token, expires_at) = self.store.load_access(&name).await?;
+        let now = std::time::SystemTime::now();
+        let left = expires_at.duration_since(now).ok()?;
+        // Aging tokens are fetched anew (as pre-warm would).
+        if left < WARM_MIN_LEFT {
+            return None;
+        }
+        Some((
+            TokenGrant {
+                access_token: Some(token),
+                expires_in: ExpiresIn::Given(left),
+                refresh_token: None,
+            },
+            SentAt {
+                instant: tokio::time::Instant::now(),
+                wall: now,
+            },
+        ))
+    }
+
+    /// Keeps a fetched access token in the store (Redis) for a warm restart.
+    fn keep_for_warm_restart(&self, set: &CredentialSet, grant: &TokenGrant, sent: SentAt) {
+        if !self.store.is_redis() {
+            return;
+        }
+        self.warmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(set.fingerprint);
+        let (Some(token), ExpiresIn::Given(life)) = (&grant.access_token, grant.expires_in) else {
+            return;
+        };
+        let Some(expires_at) = sent.wall.checked_add(life) else {
+            return;
+        };
+        // In the background: the answer does not wait for the store (which may be down).
+        let (store, name, token, account) = (
+            self.store.clone(),
+            access_name(set),
+            token.clone(),
+            set.key.account.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = store.save_access(&name, &token, expires_at).await {
+                tracing::debug!(account = %account, error = %e, "access token not kept in the state store");
+            }
+        });
+    }
 }
+
+/// A kept access token with less life left is fetched anew on a warm restart.
+const WARM_MIN_LEFT: Duration = Duration::from_secs(120);
+
+/// The store's name of a credential set's access token: its fingerprint (a digest over
+/// everything that makes the set, secrets included), so a changed set never gets an old
+/// token.
+fn access_name(set: &CredentialSet) -> String {
+    set.fingerprint.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether spending this set's grant may rotate a refresh token: only the refresh_token
+/// grant, and not with Google (which never rotates them).
+fn may_rotate(set: &CredentialSet) -> bool {
+    set.grant == Grant::RefreshToken && !matches!(*set.provider, Provider::Google(_))
+}
+
+/// The error of a fetch refused because the account's stored record is refused.
+fn refused() -> ProviderError {
+    ProviderError {
+        hint: Some("the account's stored refresh-token record is refused (tampered with, copied from another account, or sealed under a key no longer in --state-key-file); see the log and the admin API"),
+        ..ProviderError::transient(STATE_REFUSED)
+    }
+}
+
+/// The error code of a refresh not sent because the state store's lease or record could
+/// not be had.
+pub const STATE_UNAVAILABLE: ErrorCode = ErrorCode::Ours(OurCode::StateUnavailable);
+/// The error code of a fetch refused because the stored record is refused.
+pub const STATE_REFUSED: ErrorCode = ErrorCode::Ours(OurCode::StateRecordRefused);
 
 /// The error code of a fetch refused because shutdown began.
 pub const SHUTTING_DOWN: ErrorCode = ErrorCode::Ours(OurCode::ShuttingDown);
@@ -319,7 +465,7 @@ pub fn consent_required() -> ProviderError {
 }
 
 /// What the operator does about an account waiting for consent.
-pub const CONSENT_HINT: &str = "no refresh token yet: the mailbox owner must sign in; run `ee-auth-sidecar consent --config FILE --state-dir DIR ACCOUNT` (the sidecar's state directory) or press Start sign-in on the operator page /ui; the sidecar uses the stored token at once";
+pub const CONSENT_HINT: &str = "no refresh token yet: the mailbox owner must sign in; run `ee-auth-sidecar consent --config FILE ACCOUNT` with the sidecar's --state-dir or --state (it may run beside the sidecar), or press Start sign-in on the operator page /ui; the sidecar uses the stored token at once";
 
 /// Whether a failure means the account needs a new refresh token from a person.
 pub fn waits_for_a_token(e: &ProviderError) -> bool {

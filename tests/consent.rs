@@ -566,3 +566,43 @@ async fn a_browser_sign_in_that_never_comes_gives_up_with_a_clear_message() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("did not finish within 10s"), "{out}");
 }
+
+#[tokio::test]
+async fn consent_beside_a_running_sidecar_on_its_state_directory_is_served_at_once() {
+    let authz = MockAuthz::start(OWNER).await;
+    authz.with(|s| s.script = [DeviceStep::Pending].into());
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = consent_config(dir.path(), &authz);
+    let mut o = test_options(&config);
+    o.state_dir = Some(state.clone());
+    o.consent_poll_interval = Duration::from_millis(200);
+    let sc = start(o).await.unwrap();
+    let c = client();
+    let before = ask(&c, sc.local_addr, "account=c&proto=imap", None).await;
+    assert_eq!(before.status, 403, "{}", before.body);
+
+    // The sidecar holds its state directory; the consent shares it.
+    let out = run_consent(&config, &state, &["--flow", "device"]).await;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let served = loop {
+        let a = ask(&c, sc.local_addr, "account=c&proto=imap", None).await;
+        if a.status == 200 || tokio::time::Instant::now() > deadline {
+            break a;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        served.status, 200,
+        "not served after the consent: {}",
+        served.body
+    );
+    assert!(
+        served.token().starts_with("at-refreshed-"),
+        "{}",
+        served.body
+    );
+    sc.shutdown().await;
+}

@@ -142,7 +142,7 @@ impl Sidecar {
     }
 }
 
-/// One persisted record, as src/state.rs writes it.
+/// One persisted record, as src/state/record.rs writes it.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct FileRecord {
@@ -152,6 +152,9 @@ struct FileRecord {
     refresh_token: String,
     #[allow(dead_code)]
     updated_at_unix: u64,
+    /// Rotations across processes (compare-and-set).
+    #[allow(dead_code)]
+    generation: u64,
 }
 
 /// Parses every record; returns account -> persisted token and the number of stray

@@ -30,8 +30,11 @@ WORKLOADS = {
     "base": "base",
     "example": "overlays/example",
     "example-pre-1.29": "overlays/example-pre-1.29",
+    "example-redis": "overlays/example-redis",
 }
-NATIVE_SIDECAR = ["base", "example"]
+NATIVE_SIDECAR = ["base", "example", "example-redis"]
+# The variants whose state is a directory on a volume (example-redis keeps it in Redis).
+DIR_STATE = ["base", "example", "example-pre-1.29"]
 LEGACY = ["example-pre-1.29"]
 JOB = "set-authserver"
 
@@ -286,7 +289,7 @@ def state_volume(spec: dict) -> tuple[str, dict, dict]:
     return state, holders[0], volume
 
 
-@pytest.mark.parametrize("name", list(WORKLOADS))
+@pytest.mark.parametrize("name", DIR_STATE)
 def test_state_dir_is_a_subdirectory_of_a_writable_volume(name):
     """A subdirectory, not the mount point: the sidecar chmods its state directory to
     0700, which fails (EPERM) on a volume root owned by root."""
@@ -300,6 +303,28 @@ def test_example_keeps_state_on_a_claim(name):
     _, _, volume = state_volume(pod_spec(name))
     claim = volume["persistentVolumeClaim"]["claimName"]
     assert the(name, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def test_redis_overlay_keeps_state_in_emailengines_redis_sealed_without_a_claim():
+    """State in EmailEngine's Redis (its redis-url Secret key), sealed with a key file from
+    a Secret mounted read-only; no --state-dir, no PersistentVolumeClaim."""
+    name = "example-redis"
+    spec = pod_spec(name)
+    sidecar = container(spec, SIDECAR)
+    assert not any(a.startswith("--state") for a in sidecar.get("args", []))
+    env = {e["name"]: e for e in sidecar.get("env", [])}
+    ref = env["EE_AUTH_STATE"]["valueFrom"]["secretKeyRef"]
+    emailengine = container(spec, EMAILENGINE)
+    ee_ref = {e["name"]: e for e in emailengine["env"]}["EENGINE_REDIS"]["valueFrom"]["secretKeyRef"]
+    assert ref == ee_ref, "the sidecar uses EmailEngine's Redis"
+    key_file = env["EE_AUTH_STATE_KEY_FILE"]["value"]
+    mount = next(m for m in sidecar["volumeMounts"] if key_file.startswith(m["mountPath"] + "/"))
+    assert mount.get("readOnly")
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    assert "secret" in volume
+    docs = [d for d in render(name) if d]
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert not any("persistentVolumeClaim" in v for v in spec["volumes"])
 
 
 @pytest.mark.parametrize("name", list(WORKLOADS))

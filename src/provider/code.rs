@@ -77,11 +77,15 @@ pub enum OurCode {
     /// A refresh_token account with no refresh token anywhere (config or state store):
     /// it waits for a person to consent. Nothing is sent.
     ConsentRequired,
+    /// Not sent: the state store's lease or record of the account could not be had.
+    StateUnavailable,
+    /// Not sent: the account's stored record is refused (tampered with, moved).
+    StateRecordRefused,
 }
 
 impl OurCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [OurCode; 12] = [
+    pub const ALL: [OurCode; 14] = [
         OurCode::Timeout,
         OurCode::ConnectFailed,
         OurCode::ConnectionLost,
@@ -94,6 +98,8 @@ impl OurCode {
         OurCode::FetchTaskFailed,
         OurCode::ShuttingDown,
         OurCode::ConsentRequired,
+        OurCode::StateUnavailable,
+        OurCode::StateRecordRefused,
     ];
 
     /// The code as logged and reported.
@@ -113,6 +119,8 @@ impl OurCode {
             // The OpenID Connect code of the same meaning, so that one code means one
             // thing to whoever reads the 403.
             OurCode::ConsentRequired => "consent_required",
+            OurCode::StateUnavailable => "state_unavailable",
+            OurCode::StateRecordRefused => "state_record_refused",
         }
     }
 }
@@ -240,6 +248,8 @@ mod tests {
                 "fetch_task_failed",
                 "shutting_down",
                 "consent_required",
+                "state_unavailable",
+                "state_record_refused",
             ]
         );
         for c in OurCode::ALL {

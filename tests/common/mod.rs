@@ -153,6 +153,14 @@ pub struct IdpState {
     pub violations: Vec<String>,
     /// Access token -> index in `requests` of the request it was issued for.
     pub issued_for: HashMap<String, usize>,
+    /// Strict rotation across processes: the `client_id`s of sidecar processes the test
+    /// killed. Reuse of the token a dead process spent last (its answer died with it) is
+    /// forgiven; any other reuse is detected and listed in `reused`.
+    pub dead_clients: HashSet<String>,
+    /// Refresh token -> the `client_id` that spent it.
+    pub spent_by: HashMap<String, String>,
+    /// Reused refresh tokens that were not forgiven, with the client that reused it.
+    pub reused: Vec<(String, String)>,
     counter: u64,
 }
 
@@ -196,6 +204,9 @@ impl MockIdp {
             validator: None,
             violations: Vec::new(),
             issued_for: HashMap::new(),
+            dead_clients: HashSet::new(),
+            spent_by: HashMap::new(),
+            reused: Vec::new(),
             counter: 0,
         }));
         let st = state.clone();
@@ -439,17 +450,23 @@ async fn answer(
             return json(400, r#"{"error":"invalid_request"}"#.into(), None);
         };
         let now = Instant::now();
-        let forgiven = s
-            .last_superseded
-            .get(&rt)
-            .filter(|(at, _)| s.reuse_grace.is_some_and(|g| now.duration_since(*at) <= g))
-            .is_some();
+        let client = form.get("client_id").cloned().unwrap_or_default();
+        let lost_with_a_dead_process = s.last_superseded.contains_key(&rt)
+            && s.spent_by
+                .get(&rt)
+                .is_some_and(|c| s.dead_clients.contains(c));
+        let forgiven = lost_with_a_dead_process
+            || s.last_superseded
+                .get(&rt)
+                .filter(|(at, _)| s.reuse_grace.is_some_and(|g| now.duration_since(*at) <= g))
+                .is_some();
         let known = s
             .valid_refresh_tokens
             .as_ref()
             .is_none_or(|v| v.contains(&rt));
         if s.spent.contains(&rt) && !forgiven {
             s.reuse_detected += 1;
+            s.reused.push((rt.clone(), client.clone()));
             return json(
                 400,
                 r#"{"error":"invalid_grant","error_description":"refresh token reused"}"#.into(),
@@ -467,6 +484,7 @@ async fn answer(
             s.counter += 1;
             let next = format!("rt-{}-{}", s.counter, fastrand::u64(..));
             s.spent.insert(rt.clone());
+            s.spent_by.insert(rt.clone(), client);
             if let Some(v) = s.valid_refresh_tokens.as_mut() {
                 // The superseded token stops being valid; only the grace can forgive it.
                 v.remove(&rt);
@@ -856,4 +874,189 @@ pub fn sha256_hex(s: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// A real `redis-server` on a free loopback port, with no persistence unless asked,
+/// stopped when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<std::process::Child>,
+    dir: tempfile::TempDir,
+    persistent: bool,
+}
+
+impl RedisServer {
+    /// Starts one without persistence.
+    pub async fn start() -> RedisServer {
+        Self::start_with(false).await
+    }
+
+    /// Starts one that keeps its data across [`RedisServer::restart`] (append-only file,
+    /// fsync always).
+    pub async fn start_persistent() -> RedisServer {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(persistent: bool) -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = RedisServer {
+            port,
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            persistent,
+        };
+        r.spawn().await;
+        r
+    }
+
+    async fn spawn(&mut self) {
+        let mut cmd = std::process::Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .arg("--dir")
+        .arg(self.dir.path())
+        .args(["--maxmemory-policy", "noeviction", "--loglevel", "warning"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        if self.persistent {
+            cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            cmd.args(["--appendonly", "no"]);
+        }
+        self.child = Some(
+            cmd.spawn()
+                .expect("redis-server runs (apt-get install redis-server)"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.cli(&["PING"]).trim() == "PONG" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("redis-server did not answer on port {}", self.port);
+    }
+
+    /// `redis://127.0.0.1:<port>/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Runs `redis-cli` against it; its stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// SIGKILLs it (its data stays on disk when persistent).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The real sidecar binary, started with `args` plus `--listen 127.0.0.1:0 --log-format
+/// json`; its WARN and ERROR lines are echoed to the test's stderr.
+pub struct SidecarProc {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    /// Every log line so far.
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl SidecarProc {
+    /// Starts `bin` (`env!("CARGO_BIN_EXE_ee-auth-sidecar")`, which examples that include
+    /// this file do not have) and waits (20 s at most) for the address it logs.
+    pub fn spawn(bin: &str, args: &[&str]) -> SidecarProc {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(bin)
+            .args(args)
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the sidecar binary");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let kept = log.clone();
+        // Reads the log for the bound address, then keeps draining it so the child never
+        // blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                kept.lock().unwrap().push(line.clone());
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["message"] == "listening" {
+                        if let (Some(tx), Some(a)) = (tx.take(), v["addr"].as_str()) {
+                            let _ = tx.send(a.parse::<SocketAddr>().unwrap());
+                        }
+                    }
+                    if v["level"] == "ERROR" || v["level"] == "WARN" {
+                        eprintln!("sidecar: {line}");
+                    }
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the sidecar logs its address");
+        SidecarProc { child, addr, log }
+    }
+
+    /// SIGKILL, and waits for it to be gone.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits (at most `limit`) for the exit status.
+    pub async fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("still running {limit:?} after SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
