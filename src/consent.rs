@@ -441,7 +441,8 @@ pub async fn device_flow(
             "authorization_pending" => {}
             "slow_down" => interval = interval.saturating_add(SLOW_DOWN_STEP).min(MAX_INTERVAL),
             "expired_token" => return Err(ConsentError::Expired(expires_in)),
-            "access_denied" => return Err(ConsentError::Denied),
+            // Microsoft answers a declined sign-in with its own code.
+            "access_denied" | "authorization_declined" => return Err(ConsentError::Denied),
             other => return Err(refused(other.to_owned())),
         }
     }

@@ -52,7 +52,8 @@ enum SignIn {
 
 /// The page's state: the CSRF key and the sign-ins, one per account.
 pub struct Ui {
-    key: ring::hmac::Key,
+    /// None if the system had no randomness: then every POST is refused (fail closed).
+    key: Option<ring::hmac::Key>,
     sign_ins: Mutex<Vec<(Arc<str>, SignIn)>>,
     http: OnceLock<reqwest::Client>,
 }
@@ -67,8 +68,10 @@ impl Ui {
     /// A fresh key: CSRF tokens of another process (or an earlier run) are refused.
     pub fn new() -> Self {
         let rng = ring::rand::SystemRandom::new();
-        let key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
-            .unwrap_or_else(|_| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &fastrand_key()));
+        let key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng).ok();
+        if key.is_none() {
+            tracing::error!("no system randomness for the operator page's CSRF key: its sign-in buttons are refused");
+        }
         Ui {
             key,
             sign_ins: Mutex::new(Vec::new()),
@@ -106,20 +109,20 @@ impl Ui {
 
     /// The CSRF token of an admin session: its `Authorization` header, MACed.
     fn csrf(&self, authorization: &[u8]) -> String {
-        let tag = ring::hmac::sign(&self.key, authorization);
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag.as_ref())
+        self.key.as_ref().map_or_else(String::new, |key| {
+            let tag = ring::hmac::sign(key, authorization);
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag.as_ref())
+        })
     }
 
     fn csrf_ok(&self, authorization: &[u8], token: &str) -> bool {
+        let Some(key) = &self.key else {
+            return false;
+        };
         base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(token)
-            .is_ok_and(|tag| ring::hmac::verify(&self.key, authorization, &tag).is_ok())
+            .is_ok_and(|tag| ring::hmac::verify(key, authorization, &tag).is_ok())
     }
-}
-
-/// Only if the system has no randomness, which ring reports rather than hides.
-fn fastrand_key() -> [u8; 32] {
-    std::array::from_fn(|_| fastrand::u8(..))
 }
 
 /// `/ui` and `/ui/consent`.
@@ -276,7 +279,8 @@ async fn handle_inner(
 /// False when [`MAX_SIGN_INS`] are under way already.
 fn start_sign_in(sidecar: &Arc<Sidecar>, ui: &Arc<Ui>, target: Target) -> bool {
     {
-        let all = ui.sign_ins();
+        // Checked and claimed under one lock: two POSTs never start two sign-ins.
+        let mut all = ui.sign_ins();
         let under_way = |s: &SignIn| matches!(s, SignIn::Starting | SignIn::Waiting(_));
         if all
             .iter()
@@ -287,8 +291,9 @@ fn start_sign_in(sidecar: &Arc<Sidecar>, ui: &Arc<Ui>, target: Target) -> bool {
         if all.iter().filter(|(_, s)| under_way(s)).count() >= MAX_SIGN_INS {
             return false;
         }
+        all.retain(|(a, _)| *a != target.account);
+        all.push((target.account.clone(), SignIn::Starting));
     }
-    ui.set(&target.account, SignIn::Starting);
     let (sidecar, ui) = (sidecar.clone(), ui.clone());
     tokio::spawn(async move {
         let account = target.account.clone();
