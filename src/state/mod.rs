@@ -247,7 +247,18 @@ enum Backend {
 enum Lease {
     None,
     File(#[allow(dead_code)] dir::FileLease),
-    Redis(#[allow(dead_code)] redis::RedisLease),
+    Redis(redis::RedisLease),
+}
+
+impl Lease {
+    /// Whether it may no longer be ours (a Redis lease not renewed in time; a `flock`
+    /// lasts as long as its file is open).
+    fn is_lost(&self) -> bool {
+        match self {
+            Lease::Redis(l) => l.is_lost(),
+            Lease::None | Lease::File(_) => false,
+        }
+    }
 }
 
 /// A lease of this process: `guarded` while a [`LeaseGuard`] holds it; kept after that
@@ -650,7 +661,18 @@ impl TokenStore {
             }
             Ok((_, stored)) => {
                 lock(&self.refused).remove(account);
-                lock(&self.generations).insert(account.clone(), stored.generation);
+                {
+                    let mut generations = lock(&self.generations);
+                    let known = generations.get(account).copied();
+                    if let Some(known) = known.filter(|k| stored.generation < *k) {
+                        // Rolled back (see `write_in_order`): the newer token in memory
+                        // is the one to spend, and its rotation is written back.
+                        tracing::error!(account = %account, stored_generation = stored.generation, known_generation = known,
+                            "the state store holds an older record of this account than this process read or wrote (restored from an older snapshot, or a lagging replica): it is not used");
+                        return Ok(false);
+                    }
+                    generations.insert(account.clone(), stored.generation);
+                }
                 if self.unpersisted_lock().accounts.contains_key(account) {
                     return Ok(false);
                 }
@@ -703,13 +725,20 @@ impl TokenStore {
         }
         {
             let mut held = lock(&self.held);
-            if let Some(h) = held.get_mut(account) {
+            match held.get_mut(account) {
                 // Kept from an earlier rotation not written yet: still ours.
-                h.guarded = true;
-                return Ok(LeaseGuard {
-                    store: self.clone(),
-                    account: account.clone(),
-                });
+                Some(h) if !h.lease.is_lost() => {
+                    h.guarded = true;
+                    return Ok(LeaseGuard {
+                        store: self.clone(),
+                        account: account.clone(),
+                    });
+                }
+                // Lapsed: taken again below (the rotation's write compares generations).
+                Some(_) => {
+                    held.remove(account);
+                }
+                None => {}
             }
         }
         let lease = self.acquire(account, self.lease).await?;
@@ -769,7 +798,9 @@ impl TokenStore {
     }
 
     fn holds(&self, account: &str) -> bool {
-        lock(&self.held).contains_key(account)
+        lock(&self.held)
+            .get(account)
+            .is_some_and(|h| !h.lease.is_lost())
     }
 
     /// A guard went away: the lease goes too, unless the account's rotation is not
@@ -913,6 +944,7 @@ impl TokenStore {
         if newer_written {
             return Ok(());
         }
+        let had_lease = lock(&self.held).contains_key(&job.account);
         let own = if self.holds(&job.account) {
             None
         } else {
@@ -920,8 +952,9 @@ impl TokenStore {
         };
         // Under a lease taken for this write (a consent stored from outside a refresh),
         // this write replaces whatever is stored: follow the stored generation. Under the
-        // spender's lease, follow the one it read: a mismatch means another process wrote.
-        if own.is_some() {
+        // spender's lease, follow the one it read: a mismatch means another process wrote
+        // (also when that lease lapsed and was taken again for this write).
+        if own.is_some() && !had_lease {
             if let Some(g) = self
                 .read_raw(&job.account)
                 .await?
@@ -948,11 +981,30 @@ impl TokenStore {
         let outcome = match &self.backend {
             Backend::Memory => Ok(Ok(())),
             Backend::Dir(d) => {
-                let (d, a) = (d.clone(), job.account.clone());
-                off_thread("(state writer)", move || d.write_if(&a, &bytes, expected)).await?
+                let (d, a, b) = (d.clone(), job.account.clone(), bytes.clone());
+                off_thread("(state writer)", move || d.write_if(&a, &b, expected)).await?
             }
             Backend::Redis(r) => r.write_if(&job.account, &bytes, expected).await,
         }?;
+        let outcome = match outcome {
+            // Older than what this process read or wrote: the store lost the record or
+            // went back in time (restarted empty or from an older snapshot, a lagging
+            // replica, a restored backup). Nobody else can have written it under the
+            // lease: the newer token is ours, and it is written back.
+            Err(found) if found < expected => {
+                tracing::error!(account = %job.account, stored_generation = found, expected_generation = expected,
+                    "the state store holds an older record of this account than this process read or wrote (lost or restored from an older snapshot?): writing the newest refresh token back");
+                match &self.backend {
+                    Backend::Memory => Ok(Ok(())),
+                    Backend::Dir(d) => {
+                        let (d, a) = (d.clone(), job.account.clone());
+                        off_thread("(state writer)", move || d.write_if(&a, &bytes, found)).await?
+                    }
+                    Backend::Redis(r) => r.write_if(&job.account, &bytes, found).await,
+                }?
+            }
+            other => other,
+        };
         if let Err(found) = outcome {
             return Err(StateError::Conflict {
                 account: job.account.to_string(),

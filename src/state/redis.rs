@@ -452,21 +452,32 @@ pub(crate) struct RedisLease {
     account: Arc<str>,
     owner: String,
     renew: tokio::task::JoinHandle<()>,
+    /// Until when the lease is surely ours: its length after the last successful
+    /// renewal; never again once Redis said it is gone.
+    valid_until: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 }
 
 impl RedisLease {
     pub fn new(store: Arc<RedisStore>, account: Arc<str>, owner: String, lease: Duration) -> Self {
+        let taken = tokio::time::Instant::now();
+        let valid_until = Arc::new(std::sync::Mutex::new(taken.checked_add(lease)));
         let renew = {
             let (store, account, owner) = (store.clone(), account.clone(), owner.clone());
+            let valid_until = valid_until.clone();
             tokio::spawn(async move {
                 let every = (lease / 3).max(Duration::from_millis(50));
                 loop {
                     tokio::time::sleep(every).await;
+                    let asked = tokio::time::Instant::now();
+                    let until = |v: Option<tokio::time::Instant>| {
+                        *valid_until.lock().unwrap_or_else(|p| p.into_inner()) = v;
+                    };
                     match store.extend(&account, &owner, lease).await {
-                        Ok(true) => {}
+                        Ok(true) => until(asked.checked_add(lease)),
                         Ok(false) => {
+                            until(None);
                             tracing::warn!(account = %account,
-                                "the refresh lease in Redis expired while held (the store was unreachable for longer than the lease)");
+                                "the refresh lease in Redis expired while held (the store was unreachable for longer than the lease); it is taken again before anything is written");
                             return;
                         }
                         // Unreachable: keep trying; the health shows it.
@@ -480,7 +491,15 @@ impl RedisLease {
             account,
             owner,
             renew,
+            valid_until,
         }
+    }
+
+    /// Whether the lease may have lapsed: Redis said so, or it was not renewed within
+    /// its length (another process may hold it now).
+    pub fn is_lost(&self) -> bool {
+        let until = *self.valid_until.lock().unwrap_or_else(|p| p.into_inner());
+        until.is_none_or(|u| tokio::time::Instant::now() >= u)
     }
 }
 

@@ -282,3 +282,64 @@ fn an_unusable_record_says_what_is_wrong_with_it() {
     let (account, rec) = record::decode(record(1, &good, "r").as_bytes(), None, None).unwrap();
     assert_eq!((account.as_str(), rec.token.expose()), ("a", "r"));
 }
+
+#[tokio::test]
+async fn a_store_rolled_back_to_an_older_record_is_not_spent() {
+    let dir = tempfile::tempdir().unwrap();
+    let acct: Arc<str> = Arc::from("a");
+    let (store, _) = TokenStore::open(dir.path()).unwrap();
+    let store = Arc::new(store);
+    store
+        .rotate(&acct, [0; 32], Secret::new("rt-1"))
+        .await
+        .unwrap();
+    let old = fs::read(record_path(dir.path(), "a")).unwrap();
+    store
+        .rotate(&acct, [0; 32], Secret::new("rt-2"))
+        .await
+        .unwrap();
+    // Restored from an older backup or snapshot: generation 1 again.
+    fs::write(record_path(dir.path(), "a"), &old).unwrap();
+    let _g = store.lock_account(&acct).await.unwrap();
+    let changed = store.reload_record(&acct).await.unwrap();
+    assert!(!changed, "an older record is not taken");
+    assert_eq!(
+        store.current(&acct, None).unwrap().0.expose(),
+        "rt-2",
+        "the newer token is spent, not the superseded one"
+    );
+}
+
+#[tokio::test]
+async fn a_rotation_after_the_store_lost_the_record_is_written_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let acct: Arc<str> = Arc::from("a");
+    let (store, _) = TokenStore::open(dir.path()).unwrap();
+    let store = Arc::new(store);
+    store
+        .rotate(&acct, [0; 32], Secret::new("rt-1"))
+        .await
+        .unwrap();
+    store
+        .rotate(&acct, [0; 32], Secret::new("rt-2"))
+        .await
+        .unwrap();
+    // Lost (Redis restarted empty, FLUSHDB, a wiped directory).
+    fs::remove_file(record_path(dir.path(), "a")).unwrap();
+    let g = store.lock_account(&acct).await.unwrap();
+    store.reload_record(&acct).await.unwrap();
+    assert_eq!(store.current(&acct, None).unwrap().0.expose(), "rt-2");
+    // rt-2 is spent; the provider answers rt-3, which must not be thrown away.
+    store
+        .rotate(&acct, [0; 32], Secret::new("rt-3"))
+        .await
+        .expect("written back");
+    drop(g);
+    assert_eq!(store.current(&acct, None).unwrap().0.expose(), "rt-3");
+    let (reopened, _) = TokenStore::open(dir.path()).unwrap();
+    assert_eq!(
+        reopened.current(&acct, None).unwrap().0.expose(),
+        "rt-3",
+        "and it is on disk"
+    );
+}
