@@ -172,7 +172,7 @@ pub struct StateArgs {
     pub state_dir: Option<PathBuf>,
     /// Redis state store instead of --state-dir: redis://[user:pass@]host:port/db or
     /// rediss://… (EmailEngine's Redis; keys under --state-prefix).
-    #[arg(long, env = "EE_AUTH_STATE", conflicts_with = "state_dir", value_parser = redis_url)]
+    #[arg(long, env = "EE_AUTH_STATE", hide_env_values = true, conflicts_with = "state_dir", value_parser = RedisUrl)]
     pub state: Option<String>,
     /// Key prefix in the Redis store.
     #[arg(long, default_value = crate::state::DEFAULT_PREFIX, env = "EE_AUTH_STATE_PREFIX", value_parser = state_prefix)]
@@ -195,6 +195,30 @@ pub enum StateFlagError {
     /// A bad prefix.
     #[error("must be 1 to 64 characters of A-Z a-z 0-9 : _ . -")]
     Prefix,
+}
+
+/// Parses `--state` without ever repeating the value: clap's own errors quote it, and a
+/// Redis URL may hold a password.
+#[derive(Clone)]
+struct RedisUrl;
+
+impl clap::builder::TypedValueParser for RedisUrl {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        let refused = |why: &dyn std::fmt::Display| {
+            let message =
+                format!("invalid --state (not repeated here: it may hold a password): {why}\n");
+            clap::Error::raw(clap::error::ErrorKind::InvalidValue, message).with_cmd(cmd)
+        };
+        let s = value.to_str().ok_or_else(|| refused(&"not UTF-8"))?;
+        redis_url(s).map_err(|e| refused(&e))
+    }
 }
 
 fn redis_url(s: &str) -> Result<String, StateFlagError> {

@@ -1949,3 +1949,37 @@ async fn token_waits_for_a_refresh_still_under_way_when_its_request_gives_up() {
         "a spent refresh token was presented"
     );
 }
+
+#[tokio::test]
+async fn a_bad_state_url_is_refused_without_repeating_its_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("accounts.json").display().to_string();
+    for bad in [
+        "redis:/:hunter2pw@redis/0",
+        "http://:hunter2pw@redis:6379/0",
+    ] {
+        let out = run(&args(&["serve", "--config", &config, "--state", bad]), &[]).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("invalid --state"), "{stderr}");
+        assert!(
+            !stderr.contains("hunter2pw"),
+            "the password was printed: {stderr}"
+        );
+    }
+    // Nor does --help show a --state taken from the environment.
+    let out = run(
+        &args(&["serve", "--help"]),
+        &[(
+            "EE_AUTH_STATE",
+            "redis://:hunter2pw@redis:6379/0".to_owned(),
+        )],
+    )
+    .await;
+    assert!(out.status.success());
+    assert!(
+        !text(&out.stdout).contains("hunter2pw"),
+        "{}",
+        text(&out.stdout)
+    );
+}
