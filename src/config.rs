@@ -175,6 +175,21 @@ impl Accounts {
     pub fn values(&self) -> impl Iterator<Item = &Arc<Account>> {
         self.0.iter()
     }
+
+    /// Each account, with the account of the same id in `other` if it has one: one walk
+    /// of both sorted lists (a reload diffs 100k accounts this way).
+    pub fn with_counterparts<'a>(
+        &'a self,
+        other: &'a Accounts,
+    ) -> impl Iterator<Item = (&'a Arc<Account>, Option<&'a Arc<Account>>)> {
+        let mut j = 0;
+        self.0.iter().map(move |a| {
+            while other.0.get(j).is_some_and(|o| o.id < a.id) {
+                j += 1;
+            }
+            (a, other.0.get(j).filter(|o| o.id == a.id))
+        })
+    }
 }
 
 impl<'a> IntoIterator for &'a Accounts {
@@ -986,6 +1001,26 @@ mod tests {
         }
         let listed: Vec<&str> = c.accounts.keys().map(|k| &**k).collect();
         assert_eq!(listed, ["a", "aa", "b", "m", "z", "zz"]);
+        let other = parse_str(
+            r#"{"accounts": {"aa": {"user": "u", "pass": "p"}, "c": {"user": "u", "pass": "p"}, "zz": {"user": "u", "pass": "p"}}}"#,
+        )
+        .unwrap();
+        let paired: Vec<(&str, Option<&str>)> = c
+            .accounts
+            .with_counterparts(&other.accounts)
+            .map(|(a, o)| (&*a.id, o.map(|o| &*o.id)))
+            .collect();
+        assert_eq!(
+            paired,
+            [
+                ("a", None),
+                ("aa", Some("aa")),
+                ("b", None),
+                ("m", None),
+                ("z", None),
+                ("zz", Some("zz"))
+            ]
+        );
     }
 
     #[test]

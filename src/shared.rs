@@ -76,7 +76,8 @@ impl Route {
     pub fn entry_of(&self, key: &CredentialKey) -> Option<&Arc<KeyEntry>> {
         match self {
             Route::Fixed(_) => None,
-            Route::OAuth(entries) => entries.distinct().into_iter().find(|e| e.set().key == *key),
+            Route::OAuth(ProtoEntries::One(e)) => (e.set().key == *key).then_some(e),
+            Route::OAuth(ProtoEntries::Per(per)) => per.iter().find(|e| e.set().key == *key),
         }
     }
 }
@@ -111,10 +112,12 @@ impl Routes {
     ) -> (Routes, Changes) {
         let mut changes = Changes::default();
         let mut accounts = HashMap::with_capacity(config.accounts.len());
-        for (id, account) in &config.accounts {
+        let none = crate::config::Accounts::default();
+        let before = previous.map_or(&none, |p| &p.config.accounts);
+        for (account, old) in config.accounts.with_counterparts(before) {
+            let id = &account.id;
             let kept = previous.and_then(|p| {
-                let old = p.config.accounts.get(id)?;
-                (old.fingerprint == account.fingerprint)
+                (old?.fingerprint == account.fingerprint)
                     .then(|| p.accounts.get(id))
                     .flatten()
             });
@@ -171,17 +174,11 @@ impl Routes {
     /// Keys of these routes that `config` does not have.
     fn removed_keys(&self, config: &Config) -> Vec<CredentialKey> {
         let mut removed = Vec::new();
-        for (id, route) in &self.accounts {
-            let new = config.accounts.get(id);
-            if new.is_some_and(|n| {
-                self.config
-                    .accounts
-                    .get(id)
-                    .is_some_and(|o| o.fingerprint == n.fingerprint)
-            }) {
+        for (old, new) in self.config.accounts.with_counterparts(&config.accounts) {
+            if new.is_some_and(|n| n.fingerprint == old.fingerprint) {
                 continue;
             }
-            let Route::OAuth(entries) = route else {
+            let Some(Route::OAuth(entries)) = self.accounts.get(&old.id) else {
                 continue;
             };
             let new_sets = match new.map(|a| &a.kind) {
