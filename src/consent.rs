@@ -432,14 +432,27 @@ pub async fn device_flow(
             return Err(ConsentError::Expired(expires_in));
         }
         tokio::time::sleep_until(next).await;
+        // RFC 8628 §3.5: a connection that fails, or a server that is down for a moment,
+        // backs off (twice the interval) rather than ending a sign-in the owner may
+        // already be finishing.
+        let back_off = interval.saturating_mul(2).min(MAX_INTERVAL);
         let (status, body) =
-            post(http, &target.client.token_url, &target.client, &form, true).await?;
+            match post(http, &target.client.token_url, &target.client, &form, true).await {
+                Ok(answer) => answer,
+                Err(ConsentError::Network(_)) => {
+                    interval = back_off;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
         if (200..300).contains(&status) {
             return consented(&body);
         }
         match error_code(status, &body).as_str() {
             "authorization_pending" => {}
             "slow_down" => interval = interval.saturating_add(SLOW_DOWN_STEP).min(MAX_INTERVAL),
+            "temporarily_unavailable" => interval = back_off,
+            _ if status >= 500 => interval = back_off,
             "expired_token" => return Err(ConsentError::Expired(expires_in)),
             // Microsoft answers a declined sign-in with its own code.
             "access_denied" | "authorization_declined" => return Err(ConsentError::Denied),

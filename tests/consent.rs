@@ -356,6 +356,7 @@ async fn device_polling_honours_interval_slow_down_and_expiry() {
             DeviceStep::Pending,
             DeviceStep::SlowDown,
             DeviceStep::Pending,
+            DeviceStep::Unavailable,
         ]
         .into();
     });
@@ -381,8 +382,8 @@ async fn device_polling_honours_interval_slow_down_and_expiry() {
         .collect();
     assert_eq!(
         gaps,
-        vec![5, 5, 10, 10],
-        "pending, slow_down (+5 s), pending, approved"
+        vec![5, 5, 10, 10, 20],
+        "pending, slow_down (+5 s), pending, unavailable (backs off: twice the interval), approved"
     );
 
     // Never approved: the code's lifetime ends the wait, without polling past it.

@@ -23,6 +23,8 @@ pub enum DeviceStep {
     SlowDown,
     Expired,
     Denied,
+    /// The token endpoint is down for a moment: 503 `temporarily_unavailable`.
+    Unavailable,
     /// The owner signed in: tokens.
     Approve,
 }
@@ -273,6 +275,10 @@ async fn handle(
                         DeviceStep::SlowDown => error("slow_down"),
                         DeviceStep::Expired => error("expired_token"),
                         DeviceStep::Denied => error("access_denied"),
+                        DeviceStep::Unavailable => answer(
+                            503,
+                            serde_json::json!({ "error": "temporarily_unavailable" }),
+                        ),
                         DeviceStep::Approve => {
                             let code = get("device_code");
                             s.device_codes.remove(&code);
