@@ -100,6 +100,29 @@ async fn a_rotation_kept_in_redis_is_spent_after_a_restart_with_and_without_a_ke
     );
 }
 
+/// `account` is not served, and the admin API says its stored record was refused for `why`.
+async fn assert_refused_and_not_served(
+    c: &reqwest::Client,
+    addr: std::net::SocketAddr,
+    account: &str,
+    why: &str,
+) {
+    let r = ask(c, addr, &format!("account={account}&proto=imap"), None).await;
+    assert_ne!(r.status, 200, "{account} must not be served: {}", r.body);
+    let v: Value = c
+        .get(format!("http://{addr}/v1/accounts/{account}"))
+        .basic_auth(ADMIN.0, Some(ADMIN.1))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["persist"]["state"], "refused", "{account}: {v}");
+    let e = v["persist"]["error"].as_str().unwrap();
+    assert!(e.contains(why), "{account}: {e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sealed_redis_record_tampered_with_or_copied_to_another_account_is_refused_and_reported()
 {
@@ -140,31 +163,65 @@ async fn a_sealed_redis_record_tampered_with_or_copied_to_another_account_is_ref
     let r = ask(&c, sc.local_addr, "account=a&proto=imap", None).await;
     assert_eq!(r.status, 200, "a is untouched: {}", r.body);
     for (account, why) in [("b", "another account"), ("c", "tampered")] {
-        let r = ask(
-            &c,
-            sc.local_addr,
-            &format!("account={account}&proto=imap"),
-            None,
-        )
-        .await;
-        assert_ne!(r.status, 200, "{account} must not be served: {}", r.body);
-        let v: Value = c
-            .get(format!("http://{}/v1/accounts/{account}", sc.local_addr))
-            .basic_auth(ADMIN.0, Some(ADMIN.1))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(v["persist"]["state"], "refused", "{v}");
-        let e = v["persist"]["error"].as_str().unwrap();
-        assert!(e.contains(why), "{account}: {e}");
+        assert_refused_and_not_served(&c, sc.local_addr, account, why).await;
     }
     // Neither the copied nor the tampered token went to the provider.
     assert_eq!(idp.calls(), calls + 1, "only a's refresh");
     assert_eq!(idp.with(|s| s.reuse_detected), 0);
     sc.shutdown().await;
+}
+
+/// A plain record (what a store without a key holds) planted for an account.
+fn plant_plain_record(redis: &RedisServer, account: &str, refresh_token: &str) {
+    let planted = json!({ "version": 1, "account": account,
+        "configTokenSha256": "0".repeat(64), "refreshToken": refresh_token,
+        "generation": 9, "updatedAtUnix": 0 })
+    .to_string();
+    redis.cli(&["SADD", "eeas:accounts", account]);
+    redis.cli(&["HSET", &format!("eeas:rt:{account}"), "rec", &planted]);
+}
+
+/// With a key, every record must be sealed: whoever can write to EmailEngine's Redis
+/// could otherwise plant a refresh token of their own mailbox for an account (one that
+/// waits for consent has no config token to tie the record to), and EmailEngine would
+/// then read, and send, that account's mail through the planter's mailbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_key_a_plain_record_planted_in_the_store_is_refused_and_never_spent() {
+    let redis = RedisServer::start().await;
+    let idp = MockIdp::start().await;
+    strict_rotation(&idp, &["rt-a", "rt-planted"], 100.0);
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path());
+    let mut cfg = config(&idp, &[("a", "rt-a")]);
+    for waiting in ["d", "e"] {
+        cfg["accounts"][waiting] =
+            json!({ "user": format!("{waiting}@example.com"), "provider": "idp" });
+    }
+    let cfg = write_config(dir.path(), &cfg);
+    // d's record is there before the sidecar starts; e's is planted while it runs (the
+    // consent pick-up reads it).
+    plant_plain_record(&redis, "d", "rt-planted");
+    let mut o = options(&cfg, &redis, "eeas:", Some(&keys));
+    o.consent_poll_interval = Duration::from_millis(200);
+    let sc = start(o).await.unwrap();
+    let c = client();
+    let r = ask(&c, sc.local_addr, "account=a&proto=imap", None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    plant_plain_record(&redis, "e", "rt-planted");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for account in ["d", "e"] {
+        assert_refused_and_not_served(&c, sc.local_addr, account, "not sealed").await;
+    }
+    assert_eq!(
+        idp.calls(),
+        1,
+        "only a's refresh; the planted token never sent"
+    );
+    sc.shutdown().await;
+    // Nothing was overwritten: the operator can still look at what was planted.
+    assert!(redis
+        .cli(&["HGET", "eeas:rt:d", "rec"])
+        .contains("rt-planted"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

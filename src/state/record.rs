@@ -73,6 +73,10 @@ pub enum RecordError {
     /// Sealed, and no key was given.
     #[error("the record is sealed and no --state-key-file was given")]
     NoKey,
+    /// Plain where keys are given: anyone who can write to the store could have put it
+    /// there, and nothing ties it to the account.
+    #[error("the record is not sealed, and with --state-key-file every record must be (planted, or written before the key was set: seal the store with `state migrate --from … --to … --to-key-file …`, giving no key for the source)")]
+    Unsealed,
     /// The seal does not open.
     #[error("{0}")]
     Seal(#[from] OpenError),
@@ -172,6 +176,7 @@ pub(crate) fn decode(
         ));
     }
     let (origin, token) = match rec.version {
+        1 if keys.is_some() => return Err(fail(RecordError::Unsealed)),
         1 => (
             rec.config_token_sha256.unwrap_or_default(),
             rec.refresh_token.unwrap_or_default(),
@@ -308,6 +313,11 @@ mod tests {
         assert!(matches!(e, RecordError::Seal(OpenError::Tampered)), "{e}");
         let (_, e) = decode(edited.as_bytes(), None, None).unwrap_err();
         assert!(matches!(e, RecordError::NoKey));
+        // With keys, a plain record is refused: nothing ties it to the account.
+        let plain = encode("a", &stored("rt-x"), None).unwrap();
+        let (who, e) = decode(&plain, Some(&keys), Some("a")).unwrap_err();
+        assert_eq!(who.as_deref(), Some("a"));
+        assert!(matches!(e, RecordError::Unsealed), "{e}");
     }
 
     #[test]
