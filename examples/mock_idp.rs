@@ -1,10 +1,11 @@
 //! The tests' mock identity provider as a process, for load and soak scripts.
 //!
-//! Usage: mock_idp ADDR [LIFETIME_SECS] [TOKEN_BYTES] [FAILURE_PERCENT] [DELAY_MS] [ROTATE]
+//! Usage: mock_idp ADDR [LIFETIME_SECS] [TOKEN_BYTES] [FAILURE_PERCENT] [DELAY_MS] [ROTATE] [SPREAD]
 //! Prints `listening on ADDR` when ready; issues refresh_token / client_credentials tokens.
 //! With FAILURE_PERCENT, that share of requests answers 503 (transient), chosen at random.
 //! DELAY_MS delays every answer (a real provider takes ~100 ms); ROTATE=1 issues a new
-//! refresh token on every refresh.
+//! refresh token on every refresh. SPREAD makes each access token up to that many bytes
+//! longer or shorter than TOKEN_BYTES.
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
@@ -21,10 +22,12 @@ async fn main() {
     let failure_percent: u32 = args.next().and_then(|s| s.parse().ok()).unwrap_or(0);
     let delay_ms: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(0);
     let rotate = args.next().is_some_and(|s| s == "1");
+    let token_spread: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(0);
     let idp = common::MockIdp::start_on(&addr).await;
     idp.with(|s| {
         s.lifetime = Some(lifetime);
         s.token_bytes = token_bytes;
+        s.token_spread = token_spread;
         s.delay = Duration::from_millis(delay_ms);
         s.rotate = rotate;
     });

@@ -35,6 +35,7 @@ pub mod server;
 pub mod shared;
 pub mod sidecar;
 pub mod state;
+pub mod status;
 pub mod ui;
 pub mod upstream;
 

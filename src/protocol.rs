@@ -320,7 +320,7 @@ impl<'a> ValidTokenAnswer<'a> {
     /// allocations split, until tens of MB of heap are unusable (BENCHMARKS.md, P5);
     /// a refreshed token is nearly always the same length as the one it replaces.
     pub fn to_bytes(&self, previous: Option<Bytes>) -> Bytes {
-        let len = serialized_len(&self.0);
+        let len = self.byte_len();
         if let Some(Ok(mut buf)) = previous.map(Bytes::try_into_mut) {
             if buf.capacity() >= len {
                 buf.clear();
@@ -329,17 +329,39 @@ impl<'a> ValidTokenAnswer<'a> {
                 return buf.freeze();
             }
         }
-        // Room for a successor a few bytes longer (JWT claims vary a little).
-        let mut buf = bytes::BytesMut::with_capacity(len.next_multiple_of(ANSWER_SLACK));
-        // Shared from the start: its reference count is allocated once, now, beside the
-        // buffer, and stays with it while it is handed from token to token. A Vec-backed
-        // answer would allocate one at its first clone (a request) and free it again
-        // each time its buffer is taken back: a small allocation per refresh, anywhere
-        // in the heap.
-        drop(buf.split_off(buf.capacity()));
+        let mut buf = answer_buffer(answer_capacity(len));
         let _ = serde_json::to_writer(bytes::BufMut::writer(&mut buf), &self.0);
         buf.freeze()
     }
+
+    /// The answer's length in bytes.
+    pub fn byte_len(&self) -> usize {
+        serialized_len(&self.0)
+    }
+}
+
+/// The buffer an answer of `len` bytes is given: room for a successor a few bytes longer
+/// (JWT claims vary a little). Always a multiple of [`ANSWER_SLACK`], so the capacity of
+/// a buffer that held `len` bytes is at least `answer_capacity(len)`.
+pub fn answer_capacity(len: usize) -> usize {
+    len.next_multiple_of(ANSWER_SLACK)
+}
+
+/// An empty answer buffer of `capacity` bytes, for [`ValidTokenAnswer::to_bytes`] to
+/// write into.
+pub fn blank_answer(capacity: usize) -> Bytes {
+    answer_buffer(capacity).freeze()
+}
+
+fn answer_buffer(capacity: usize) -> bytes::BytesMut {
+    let mut buf = bytes::BytesMut::with_capacity(capacity);
+    // Shared from the start: its reference count is allocated once, now, beside the
+    // buffer, and stays with it while it is handed from token to token. A Vec-backed
+    // answer would allocate one at its first clone (a request) and free it again
+    // each time its buffer is taken back: a small allocation per refresh, anywhere
+    // in the heap.
+    drop(buf.split_off(buf.capacity()));
+    buf
 }
 
 /// RFC 6750 §2.1: `b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::cache::schedule::later;
-use crate::cache::{CacheError, KeyEntry, KeyStatus, Source, TokenCache};
+use crate::cache::{CacheError, KeyEntry, Source, TokenCache};
 use crate::config::{AccountKind, Config, CredentialSet, OAuthAccount};
 use crate::connections::{Conn, Registry};
 use crate::error::{json_response, ServeError};
@@ -28,6 +28,7 @@ use crate::metrics::Outcome;
 use crate::protocol::{self, parse_query, Proto};
 use crate::shared::{Route, Sidecar};
 use crate::state::{PersistStatus, TokenStore};
+use crate::status::KeyStatus;
 
 /// Largest request head we read; beyond it the answer is 431.
 const MAX_HEADER_BYTES: usize = 16 * 1024;

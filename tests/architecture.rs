@@ -22,6 +22,7 @@ const LEAVES: &[&str] = &[
     "protocol",
     "secret",
     "state",
+    "status",
 ];
 
 /// The layers, highest first: a module imports only modules of lower layers (or, among

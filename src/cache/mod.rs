@@ -25,7 +25,8 @@ use futures_util::future::FutureExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-pub use entry::{CachedToken, ErrorStatus, Flight, KeyEntry, KeyState, KeyStatus};
+use crate::status::KeyStatus;
+pub use entry::{CachedToken, Flight, KeyEntry, KeyState};
 use entry::{DueId, EntryState, ExpirySecond, Failure, FetchResult, StateCounts};
 
 use crate::config::CredentialSet;
@@ -154,6 +155,15 @@ impl Books {
 /// [`protocol::ValidTokenAnswer::to_bytes`]) passed on through this pool.
 const SPARE_TOKENS: usize = 64;
 
+/// Tokens allocated together when no spare fits. Pre-warm (and a map that grows) would
+/// otherwise allocate each long-lived token between the short-lived buffers of its own
+/// fetch, and every such buffer freed leaves a hole among the tokens that nothing
+/// long-lived fills: one hole per token, tens of MB at 100k accounts (BENCHMARKS.md, P5).
+const TOKEN_BATCH: usize = 32;
+
+/// A spare is used for an answer at most this much smaller than its buffer.
+const SPARE_SLACK_MAX: usize = 128;
+
 /// The token cache.
 pub struct TokenCache {
     /// The one index of entries. No capacity or expiry: an entry lives as long as its
@@ -167,7 +177,8 @@ pub struct TokenCache {
     metrics: Arc<Metrics>,
     /// Providers already warned about an `expires_in` over [`schedule::MAX_LIFETIME`].
     long_lifetime_warned: Mutex<HashSet<Arc<str>>>,
-    spare_tokens: Mutex<Vec<Arc<CachedToken>>>,
+    /// Spare tokens with (a lower bound of) their answer buffer's capacity.
+    spare_tokens: Mutex<Vec<(usize, Arc<CachedToken>)>>,
 }
 
 impl Drop for TokenCache {
@@ -574,14 +585,41 @@ impl TokenCache {
         Ok(tok)
     }
 
-    /// A token for `answer`, written into a replaced one when one is spare.
+    /// A token for `answer`, written into a spare one whose buffer fits (a replaced
+    /// token, or one of a batch allocated together).
     fn new_token(
         &self,
         answer: &protocol::ValidTokenAnswer<'_>,
         expires_at: Instant,
         min_life: Duration,
     ) -> Arc<CachedToken> {
-        let spare = self.spare_tokens().pop();
+        let len = answer.byte_len();
+        let spare = {
+            let mut pool = self.spare_tokens();
+            let fits = |cap: usize| cap >= len && cap - len <= SPARE_SLACK_MAX;
+            match pool.iter().rposition(|(cap, _)| fits(*cap)) {
+                Some(i) => Some(pool.swap_remove(i).1),
+                None => {
+                    let cap = protocol::answer_capacity(len);
+                    let blank = || {
+                        Arc::new(CachedToken::new(
+                            protocol::blank_answer(cap),
+                            expires_at,
+                            min_life,
+                        ))
+                    };
+                    let first = blank();
+                    let room = SPARE_TOKENS.saturating_sub(pool.len());
+                    if room < TOKEN_BATCH - 1 {
+                        // The oldest spares make room: they fit nothing lately.
+                        let oldest = (TOKEN_BATCH - 1 - room).min(pool.len());
+                        pool.drain(..oldest);
+                    }
+                    pool.extend((1..TOKEN_BATCH).map(|_| (cap, blank())));
+                    Some(first)
+                }
+            }
+        };
         if let Some(mut tok) = spare {
             // Only tokens nothing else held went into the pool, and nothing can have
             // cloned one since.
@@ -598,7 +636,7 @@ impl TokenCache {
         ))
     }
 
-    fn spare_tokens(&self) -> MutexGuard<'_, Vec<Arc<CachedToken>>> {
+    fn spare_tokens(&self) -> MutexGuard<'_, Vec<(usize, Arc<CachedToken>)>> {
         self.spare_tokens.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -609,9 +647,10 @@ impl TokenCache {
         if Arc::get_mut(&mut old).is_none() {
             return;
         }
+        let cap = protocol::answer_capacity(old.body.len());
         let mut spare = self.spare_tokens();
         if spare.len() < SPARE_TOKENS {
-            spare.push(old);
+            spare.push((cap, old));
         }
     }
 
@@ -922,6 +961,48 @@ mod tests {
         TokenCache::new(upstream, policy, metrics, 1)
     }
 
+    #[tokio::test]
+    async fn new_tokens_come_from_one_batch_and_replaced_ones_are_written_into() {
+        let cache = offline_cache(Policy::default());
+        use crate::secret::Secret;
+        let (long, short) = (Secret::new("t".repeat(2000)), Secret::new("t".repeat(1000)));
+        let answer = |t| protocol::ValidTokenAnswer::new("u@example.com", t).unwrap();
+        let at = Instant::now() + Duration::from_secs(60);
+        let life = Duration::from_secs(1);
+        let first = cache.new_token(&answer(&long), at, life);
+        // No spare fitted: the rest of a batch, all of the first one's size, waits.
+        let spares: Vec<usize> = cache.spare_tokens().iter().map(|(cap, _)| *cap).collect();
+        assert_eq!(spares.len(), TOKEN_BATCH - 1);
+        assert!(spares
+            .iter()
+            .all(|cap| *cap == protocol::answer_capacity(first.body.len())));
+        // The next ones take spares; the answer is the one asked for.
+        let second = cache.new_token(&answer(&long), at, life);
+        assert_eq!(cache.spare_tokens().len(), TOKEN_BATCH - 2);
+        assert_eq!(second.body, answer(&long).to_bytes(None));
+        // A much shorter answer does not take a 2 KB buffer: a batch of its own size.
+        let small = cache.new_token(&answer(&short), at, life);
+        assert_eq!(small.body, answer(&short).to_bytes(None));
+        let pool = cache.spare_tokens().len();
+        assert_eq!(pool, (2 * TOKEN_BATCH - 3).min(SPARE_TOKENS));
+        // A replaced token goes back and is written into (its own buffer, no new one).
+        let buffer = second.body.as_ptr();
+        cache.recycle(second);
+        assert_eq!(cache.spare_tokens().len(), (pool + 1).min(SPARE_TOKENS));
+        let again = cache.new_token(&answer(&long), at, life);
+        assert_eq!(again.body.as_ptr(), buffer);
+        assert_eq!(again.body, answer(&long).to_bytes(None));
+        // Never past the pool's bound.
+        for _ in 0..3 * SPARE_TOKENS {
+            let t = cache.new_token(&answer(&short), at, life);
+            assert!(cache.spare_tokens().len() <= SPARE_TOKENS);
+            cache.recycle(t);
+            cache.recycle(cache.new_token(&answer(&long), at, life));
+        }
+        assert!(cache.spare_tokens().len() <= SPARE_TOKENS);
+        drop((first, small, again));
+    }
+
     const BODY: &[u8] = b"{\"user\":\"u\",\"accessToken\":\"t\"}";
 
     /// Stores a token that lives `life` in `entry`, as a finished fetch would.
@@ -1116,7 +1197,7 @@ mod tests {
         );
     }
 
-    fn state_of(entry: &KeyEntry) -> (&'static str, Option<ErrorStatus>) {
+    fn state_of(entry: &KeyEntry) -> (&'static str, Option<crate::status::ErrorStatus>) {
         let s = entry.status().expect("tracked");
         (s.state, s.last_error)
     }

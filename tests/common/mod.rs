@@ -147,6 +147,9 @@ pub struct IdpState {
     pub transient_failure_rate: f64,
     /// Pad access tokens to this many bytes (Microsoft JWTs are ~1.5–2.5 KB).
     pub token_bytes: usize,
+    /// Each access token up to this many bytes longer or shorter than `token_bytes`
+    /// (uniformly), as tokens of different users and claims are.
+    pub token_spread: usize,
     /// Wire-format checks; None accepts anything.
     pub validator: Option<Validator>,
     /// What the validator refused, in order.
@@ -201,6 +204,7 @@ impl MockIdp {
             reuse_forgiven: 0,
             transient_failure_rate: 0.0,
             token_bytes: 0,
+            token_spread: 0,
             validator: None,
             violations: Vec::new(),
             issued_for: HashMap::new(),
@@ -503,7 +507,9 @@ async fn answer(
     }
     s.counter += 1;
     let mut token = format!("at-{}-{}-", s.counter, fastrand::u64(..));
-    while token.len() < s.token_bytes {
+    let spread = s.token_spread.min(s.token_bytes);
+    let length = s.token_bytes - spread + fastrand::usize(..=2 * spread);
+    while token.len() < length {
         token.push(fastrand::alphanumeric());
     }
     let mut v = serde_json::json!({ "access_token": token, "token_type": "Bearer" });
@@ -603,7 +609,7 @@ pub fn oauth2_provider(idp: &MockIdp) -> serde_json::Value {
 }
 
 /// The cache's status of every credential set of `account`.
-pub fn status_of(sc: &Running, account: &str) -> Vec<ee_auth_sidecar::cache::KeyStatus> {
+pub fn status_of(sc: &Running, account: &str) -> Vec<ee_auth_sidecar::status::KeyStatus> {
     sc.sidecar
         .cache()
         .status()
