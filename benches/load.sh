@@ -10,7 +10,8 @@
 # same request mix: a random account per request, Basic credentials on every request) and
 # prints req/s, p50 and p99 for each and the ratio. Also prints start-to-ready without
 # pre-warm, idle RSS, RSS with ACCOUNTS warm tokens, and the stripped binary size.
-# Everything stops by itself; nothing leaves loopback.
+# Everything stops by itself; nothing leaves loopback. SIDECAR_BIN names another sidecar
+# binary to measure instead of this tree's (an A/B against an older build).
 #
 # On a machine with 2+ usable cores and `taskset`, the servers run on the first and wrk
 # on the second: unpinned, the scheduler sometimes puts wrk beside the server under test,
@@ -33,7 +34,7 @@ if ! command -v wrk >/dev/null; then
 fi
 
 cargo build --release --locked --bin ee-auth-sidecar --example floor --example mock_idp 2>&1 | tail -1
-BIN=target/release/ee-auth-sidecar
+BIN=${SIDECAR_BIN:-target/release/ee-auth-sidecar}
 FLOOR=target/release/examples/floor
 MOCK=target/release/examples/mock_idp
 

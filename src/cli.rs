@@ -183,6 +183,20 @@ pub struct StateArgs {
     pub state_key_file: Option<PathBuf>,
 }
 
+/// At most 20 names, then how many more.
+fn listed(names: &[String]) -> String {
+    let mut out = names
+        .iter()
+        .take(20)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > 20 {
+        out.push_str(&format!(" and {} more", names.len() - 20));
+    }
+    out
+}
+
 /// Why a `--state` value is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateFlagError {
@@ -856,17 +870,25 @@ pub async fn migrate(args: &MigrateArgs) -> i32 {
         (Err(c), _) | (_, Err(c)) => return c,
     };
     match crate::state::migrate(&from, &to).await {
-        Ok((n, warnings)) => {
-            for w in &warnings {
+        Ok(done) => {
+            for w in &done.skipped {
                 eprintln!("warning: {w}");
             }
+            if !done.plain.is_empty() {
+                eprintln!(
+                    "note: {} record(s) were not sealed in the source (written before its key, or by anyone who can write to it); check that these accounts' tokens are theirs: {}",
+                    done.plain.len(),
+                    listed(&done.plain)
+                );
+            }
             println!(
-                "copied {n} record(s) from {} to {}{}",
+                "copied {} record(s) from {} to {}{}",
+                done.copied,
                 from.location.describe(),
                 to.location.describe(),
                 if to.keys.is_some() { ", sealed" } else { "" }
             );
-            i32::from(!warnings.is_empty())
+            i32::from(!done.skipped.is_empty())
         }
         Err(e) => {
             eprintln!("error: {e}");

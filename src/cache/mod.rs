@@ -177,7 +177,7 @@ pub struct TokenCache {
     metrics: Arc<Metrics>,
     /// Providers already warned about an `expires_in` over [`schedule::MAX_LIFETIME`].
     long_lifetime_warned: Mutex<HashSet<Arc<str>>>,
-    /// Spare tokens with (a lower bound of) their answer buffer's capacity.
+    /// Spare tokens, oldest first, with their answer buffer's capacity.
     spare_tokens: Mutex<Vec<(usize, Arc<CachedToken>)>>,
 }
 
@@ -598,7 +598,8 @@ impl TokenCache {
             let mut pool = self.spare_tokens();
             let fits = |cap: usize| cap >= len && cap - len <= SPARE_SLACK_MAX;
             match pool.iter().rposition(|(cap, _)| fits(*cap)) {
-                Some(i) => Some(pool.swap_remove(i).1),
+                // `remove`, not `swap_remove`: the pool stays oldest first.
+                Some(i) => Some(pool.remove(i).1),
                 None => {
                     let cap = protocol::answer_capacity(len);
                     let blank = || {
@@ -640,18 +641,26 @@ impl TokenCache {
         self.spare_tokens.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps a replaced token for the next refresh, once nothing reads it. Freeing each
+    /// Keeps a replaced token for the next refresh, once nothing reads it (a response
+    /// still sending its answer keeps the buffer; the token is then let go). Freeing each
     /// token and allocating its successor elsewhere leaves holes that other allocations
     /// split, until tens of MB of heap are unusable (BENCHMARKS.md, P5).
     fn recycle(&self, mut old: Arc<CachedToken>) {
-        if Arc::get_mut(&mut old).is_none() {
+        let Some(t) = Arc::get_mut(&mut old) else {
             return;
-        }
-        let cap = protocol::answer_capacity(old.body.len());
+        };
+        // The buffer's true capacity: what an answer may be held to (a lower bound would
+        // let buffers drift, each reuse taking a shorter answer than the last).
+        let Ok(buf) = std::mem::take(&mut t.body).try_into_mut() else {
+            return;
+        };
+        let cap = buf.capacity();
+        t.body = buf.freeze();
         let mut spare = self.spare_tokens();
-        if spare.len() < SPARE_TOKENS {
-            spare.push((cap, old));
+        if spare.len() >= SPARE_TOKENS {
+            spare.remove(0);
         }
+        spare.push((cap, old));
     }
 
     /// Logs, once per provider, that its tokens' lifetime is clamped.
@@ -1001,6 +1010,35 @@ mod tests {
         }
         assert!(cache.spare_tokens().len() <= SPARE_TOKENS);
         drop((first, small, again));
+    }
+
+    #[tokio::test]
+    async fn a_spare_buffer_is_held_to_its_true_capacity_so_buffers_do_not_drift() {
+        use crate::secret::Secret;
+        let cache = offline_cache(Policy::default());
+        let token = |n| Secret::new("t".repeat(n));
+        let (t2000, t1900, t1800) = (token(2000), token(1900), token(1800));
+        let answer = |t| protocol::ValidTokenAnswer::new("u@example.com", t).unwrap();
+        let at = Instant::now() + Duration::from_secs(60);
+        let life = Duration::from_secs(1);
+        let first = cache.new_token(&answer(&t2000), at, life);
+        let buffer = first.body.as_ptr();
+        cache.recycle(first);
+        // 100 bytes shorter: within the slack of that buffer, which takes it.
+        let shorter = cache.new_token(&answer(&t1900), at, life);
+        assert_eq!(shorter.body.as_ptr(), buffer);
+        cache.recycle(shorter);
+        // Another 100 bytes shorter is too far below the buffer's true size, however
+        // short its last answer was.
+        let shortest = cache.new_token(&answer(&t1800), at, life);
+        assert_ne!(shortest.body.as_ptr(), buffer);
+        assert_eq!(shortest.body, answer(&t1800).to_bytes(None));
+        // A token whose answer a response still holds is not kept.
+        let held = shortest.body.clone();
+        let before = cache.spare_tokens().len();
+        cache.recycle(shortest);
+        assert_eq!(cache.spare_tokens().len(), before);
+        drop(held);
     }
 
     const BODY: &[u8] = b"{\"user\":\"u\",\"accessToken\":\"t\"}";

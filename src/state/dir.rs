@@ -243,9 +243,9 @@ impl DirStore {
         bytes: &[u8],
         expected: u64,
     ) -> Result<Result<(), u64>, StateError> {
-        let found = self
-            .read(account)?
-            .map_or(0, |b| super::record::generation_of(&b).unwrap_or(0));
+        let found = self.read(account)?.map_or(0, |b| {
+            super::record::generation_of(&b).map_or(0, |(g, _)| g)
+        });
         if found != expected {
             return Ok(Err(found));
         }

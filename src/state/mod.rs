@@ -98,6 +98,12 @@ pub enum StateError {
         /// Why.
         why: String,
     },
+    /// A write without keys would replace a sealed record.
+    #[error("the stored record of account {account} is sealed and this process has no --state-key-file: nothing was written (a plain record would replace it, and a sidecar with the key would refuse that); give the key")]
+    SealedWithoutKey {
+        /// The account.
+        account: String,
+    },
     /// A store `state migrate` needs to itself is in use.
     #[error("state store {store} is in use by {by}; stop it first")]
     InUse {
@@ -955,11 +961,18 @@ impl TokenStore {
         // spender's lease, follow the one it read: a mismatch means another process wrote
         // (also when that lease lapsed and was taken again for this write).
         if own.is_some() && !had_lease {
-            if let Some(g) = self
+            if let Some((g, sealed)) = self
                 .read_raw(&job.account)
                 .await?
                 .and_then(|b| record::generation_of(&b))
             {
+                // Without the key, a sealed record would be replaced by a plain one that
+                // a sidecar with the key then refuses: the account's token lost for both.
+                if sealed && self.keys.is_none() {
+                    return Err(StateError::SealedWithoutKey {
+                        account: job.account.to_string(),
+                    });
+                }
                 lock(&self.generations).insert(job.account.clone(), g);
             }
         }
@@ -1260,12 +1273,22 @@ impl Drop for LeaseGuard {
     }
 }
 
+/// What `state migrate` did.
+#[derive(Debug, Default)]
+pub struct Migrated {
+    /// Records copied.
+    pub copied: usize,
+    /// Records skipped, and why.
+    pub skipped: Vec<String>,
+    /// Accounts whose record was plain in a source read with keys: copied (the operator
+    /// asked for this store to be copied), and listed, for a review of records that
+    /// anyone with write access to the store could have put there.
+    pub plain: Vec<String>,
+}
+
 /// `state migrate`: copies every record of `from` into `to`, refusing while a process
-/// holds either. Returns how many records were copied and warnings (records skipped).
-pub async fn migrate(
-    from: &StoreOptions,
-    to: &StoreOptions,
-) -> Result<(usize, Vec<String>), StateError> {
+/// holds either.
+pub async fn migrate(from: &StoreOptions, to: &StoreOptions) -> Result<Migrated, StateError> {
     if from.location == to.location && from.prefix == to.prefix {
         return Err(StateError::InUse {
             store: to.location.describe(),
@@ -1301,8 +1324,18 @@ pub async fn migrate(
     }
     // Decode with the source's keys, re-encode with the target's.
     let mut records = Vec::new();
+    let mut plain = Vec::new();
     for bytes in read {
-        match record::decode(&bytes, from.keys.as_deref(), None) {
+        // A store sealed gradually (a key added to one written plain) holds both kinds;
+        // migrating is how it becomes sealed throughout.
+        let decoded = match record::decode(&bytes, from.keys.as_deref(), None) {
+            Err((Some(account), record::RecordError::Unsealed)) => {
+                plain.push(account);
+                record::decode(&bytes, None, None)
+            }
+            other => other,
+        };
+        match decoded {
             Ok(r) => records.push(r),
             Err((who, e)) => warnings.push(format!(
                 "{}: {e}; skipped",
@@ -1339,7 +1372,11 @@ pub async fn migrate(
         }
     }
     drop(guards);
-    Ok((records.len(), warnings))
+    Ok(Migrated {
+        copied: records.len(),
+        skipped: warnings,
+        plain,
+    })
 }
 
 /// Runs a directory operation on tokio's blocking pool (file I/O and `flock` never run

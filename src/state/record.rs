@@ -75,7 +75,7 @@ pub enum RecordError {
     NoKey,
     /// Plain where keys are given: anyone who can write to the store could have put it
     /// there, and nothing ties it to the account.
-    #[error("the record is not sealed, and with --state-key-file every record must be (planted, or written before the key was set: seal the store with `state migrate --from … --to … --to-key-file …`, giving no key for the source)")]
+    #[error("the record is not sealed, and with --state-key-file every record must be (planted, or written before the key was set: seal the store with `state migrate --from … --to … --state-key-file …`, which copies plain records too and lists them)")]
     Unsealed,
     /// The seal does not open.
     #[error("{0}")]
@@ -146,16 +146,19 @@ pub(crate) fn encode(
     serde_json::to_vec(&rec)
 }
 
-/// The generation of a record without opening it (a compare-and-set needs no key).
-pub(crate) fn generation_of(bytes: &[u8]) -> Option<u64> {
+/// The generation of a record without opening it (a compare-and-set needs no key), and
+/// whether it is sealed.
+pub(crate) fn generation_of(bytes: &[u8]) -> Option<(u64, bool)> {
     #[derive(Deserialize)]
     struct Gen {
         #[serde(default)]
         generation: u64,
+        #[serde(default)]
+        sealed: Option<serde::de::IgnoredAny>,
     }
     serde_json::from_slice::<Gen>(bytes)
         .ok()
-        .map(|g| g.generation)
+        .map(|g| (g.generation, g.sealed.is_some()))
 }
 
 /// Decodes a record. With `expected`, a record naming another account is refused; the
@@ -295,7 +298,7 @@ mod tests {
             let (account, s) = decode(&bytes, k, Some("a")).unwrap();
             assert_eq!((account.as_str(), s.token.expose()), ("a", "rt-x"));
             assert_eq!((s.origin, s.generation), ([7; 32], 3));
-            assert_eq!(generation_of(&bytes), Some(3));
+            assert_eq!(generation_of(&bytes), Some((3, k.is_some())));
             let (who, e) = decode(&bytes, k, Some("b")).unwrap_err();
             assert_eq!(who.as_deref(), Some("b"));
             assert!(

@@ -343,3 +343,73 @@ async fn a_rotation_after_the_store_lost_the_record_is_written_back() {
         "and it is on disk"
     );
 }
+
+#[tokio::test]
+async fn migrate_seals_a_store_that_holds_plain_and_sealed_records_and_lists_the_plain_ones() {
+    let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let keys = Arc::new(Keyring::from_keys(&[[3; 32]]));
+    let write = |keys: Option<Arc<Keyring>>, account: &'static str, token: &'static str| {
+        let mut opts = StoreOptions::new(Location::Dir(src.path().to_owned()));
+        opts.keys = keys;
+        async move {
+            let (store, _) = TokenStore::connect(&opts).await.unwrap();
+            let store = Arc::new(store);
+            let acct: Arc<str> = Arc::from(account);
+            store
+                .rotate(&acct, [0; 32], Secret::new(token))
+                .await
+                .unwrap();
+            store.close().await;
+        }
+    };
+    // Written before the key was set, and after.
+    write(None, "old", "rt-plain").await;
+    write(Some(keys.clone()), "new", "rt-sealed").await;
+    let mut from = StoreOptions::new(Location::Dir(src.path().to_owned()));
+    from.keys = Some(keys.clone());
+    let mut to = StoreOptions::new(Location::Dir(dst.path().to_owned()));
+    to.keys = Some(keys.clone());
+    let done = migrate(&from, &to).await.unwrap();
+    assert_eq!(done.copied, 2, "{done:?}");
+    assert!(done.skipped.is_empty(), "{done:?}");
+    assert_eq!(done.plain, ["old"]);
+    // The copy is sealed throughout, and a sidecar with the key reads both.
+    for account in ["old", "new"] {
+        let text = fs::read_to_string(record_path(dst.path(), account)).unwrap();
+        assert!(!text.contains("rt-"), "{text}");
+    }
+    let (store, warnings) = TokenStore::connect(&to).await.unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    for (account, token) in [("old", "rt-plain"), ("new", "rt-sealed")] {
+        let acct: Arc<str> = Arc::from(account);
+        assert_eq!(store.current(&acct, None).unwrap().0.expose(), token);
+    }
+}
+
+#[tokio::test]
+async fn a_write_without_the_key_never_replaces_a_sealed_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let a: Arc<str> = Arc::from("a");
+    let mut sealed = StoreOptions::new(Location::Dir(dir.path().to_owned()));
+    sealed.keys = Some(Arc::new(Keyring::from_keys(&[[4; 32]])));
+    let (store, _) = TokenStore::connect(&sealed).await.unwrap();
+    let store = Arc::new(store);
+    store
+        .rotate(&a, [0; 32], Secret::new("rt-sealed"))
+        .await
+        .unwrap();
+    store.close().await;
+    // A consent stored by a process started without the key (another pod, `consent`).
+    let plain = StoreOptions::new(Location::Dir(dir.path().to_owned()));
+    let (keyless, _) = TokenStore::connect(&plain).await.unwrap();
+    let keyless = Arc::new(keyless);
+    let e = keyless
+        .rotate(&a, [0; 32], Secret::new("rt-plain"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StateError::SealedWithoutKey { .. }), "{e}");
+    keyless.close().await;
+    let (store, warnings) = TokenStore::connect(&sealed).await.unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(store.current(&a, None).unwrap().0.expose(), "rt-sealed");
+}
