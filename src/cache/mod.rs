@@ -160,6 +160,7 @@ const SPARE_TOKENS: usize = 64;
 /// fetch, and every such buffer freed leaves a hole among the tokens that nothing
 /// long-lived fills: one hole per token, tens of MB at 100k accounts (BENCHMARKS.md, P5).
 const TOKEN_BATCH: usize = 32;
+const _: () = assert!(TOKEN_BATCH <= SPARE_TOKENS);
 
 /// A spare is used for an answer at most this much smaller than its buffer.
 const SPARE_SLACK_MAX: usize = 128;
@@ -594,47 +595,39 @@ impl TokenCache {
         min_life: Duration,
     ) -> Arc<CachedToken> {
         let len = answer.byte_len();
-        let spare = {
+        let mut tok = {
             let mut pool = self.spare_tokens();
             let fits = |cap: usize| cap >= len && cap - len <= SPARE_SLACK_MAX;
             match pool.iter().rposition(|(cap, _)| fits(*cap)) {
                 // `remove`, not `swap_remove`: the pool stays oldest first.
-                Some(i) => Some(pool.remove(i).1),
+                Some(i) => pool.remove(i).1,
                 None => {
                     let cap = protocol::answer_capacity(len);
-                    let blank = || {
-                        Arc::new(CachedToken::new(
-                            protocol::blank_answer(cap),
-                            expires_at,
-                            min_life,
-                        ))
-                    };
-                    let first = blank();
-                    let room = SPARE_TOKENS.saturating_sub(pool.len());
-                    if room < TOKEN_BATCH - 1 {
-                        // The oldest spares make room: they fit nothing lately.
-                        let oldest = (TOKEN_BATCH - 1 - room).min(pool.len());
-                        pool.drain(..oldest);
-                    }
-                    pool.extend((1..TOKEN_BATCH).map(|_| (cap, blank())));
-                    Some(first)
+                    let blank =
+                        || CachedToken::new(protocol::blank_answer(cap), expires_at, min_life);
+                    let first = Arc::new(blank());
+                    // The oldest spares make room: they fit nothing lately.
+                    let excess = (pool.len() + TOKEN_BATCH - 1).saturating_sub(SPARE_TOKENS);
+                    pool.drain(..excess);
+                    pool.extend((1..TOKEN_BATCH).map(|_| (cap, Arc::new(blank()))));
+                    first
                 }
             }
         };
-        if let Some(mut tok) = spare {
-            // Only tokens nothing else held went into the pool, and nothing can have
-            // cloned one since.
-            if let Some(t) = Arc::get_mut(&mut tok) {
+        // Only tokens nothing else held went into the pool, and nothing can have cloned
+        // one since.
+        match Arc::get_mut(&mut tok) {
+            Some(t) => {
                 let previous = std::mem::take(&mut t.body);
                 t.renew(answer.to_bytes(Some(previous)), expires_at, min_life);
-                return tok;
+                tok
             }
+            None => Arc::new(CachedToken::new(
+                answer.to_bytes(None),
+                expires_at,
+                min_life,
+            )),
         }
-        Arc::new(CachedToken::new(
-            answer.to_bytes(None),
-            expires_at,
-            min_life,
-        ))
     }
 
     fn spare_tokens(&self) -> MutexGuard<'_, Vec<(usize, Arc<CachedToken>)>> {
