@@ -39,14 +39,7 @@ fn write_record(state_dir: &Path, account: &str, origin_hex: &str, token: &str) 
 }
 
 async fn admin_state(c: &reqwest::Client, sc: &Running, account: &str) -> Value {
-    let r = c
-        .get(format!("http://{}/v1/accounts/{account}", sc.local_addr))
-        .basic_auth(ADMIN.0, Some(ADMIN.1))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
+    admin_account(c, sc.local_addr, account, ADMIN).await
 }
 
 #[tokio::test]

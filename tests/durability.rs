@@ -51,17 +51,6 @@ async fn start_on(cfg: &Path, state: &Path) -> Running {
 /// Credentials of the admin API in the persist test's config.
 const ADMIN: (&str, &str) = ("admin", "admin-password-1");
 
-async fn admin_account(c: &reqwest::Client, addr: SocketAddr, id: &str) -> Value {
-    c.get(format!("http://{addr}/v1/accounts/{id}"))
-        .basic_auth(ADMIN.0, Some(ADMIN.1))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 async fn force_refresh(c: &reqwest::Client, addr: SocketAddr, id: &str) -> u16 {
     c.post(format!("http://{addr}/v1/accounts/{id}/refresh"))
         .basic_auth(ADMIN.0, Some(ADMIN.1))
@@ -308,7 +297,7 @@ async fn a_rotated_token_that_cannot_be_written_is_kept_used_reported_and_writte
         200,
         "the fresh token is served"
     );
-    let v = admin_account(&c, addr, "a").await;
+    let v = admin_account(&c, addr, "a", ADMIN).await;
     let error = v["persist"]["error"]
         .as_str()
         .unwrap_or_else(|| panic!("no persist error: {v}"));
@@ -345,14 +334,18 @@ async fn a_rotated_token_that_cannot_be_written_is_kept_used_reported_and_writte
     // The write is retried (and fails while the disk is full)...
     let failed_writes = |v: &Value| v["persist"]["failedWrites"].as_u64().unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while failed_writes(&admin_account(&c, addr, "a").await) < 3 {
+    while failed_writes(&admin_account(&c, addr, "a", ADMIN).await) < 3 {
         assert!(Instant::now() < deadline, "no retried write");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // ...until the disk has room again: then it lands, and the account is clean.
     disk.free();
     let deadline = Instant::now() + Duration::from_secs(15);
-    while admin_account(&c, addr, "a").await.get("persist").is_some() {
+    while admin_account(&c, addr, "a", ADMIN)
+        .await
+        .get("persist")
+        .is_some()
+    {
         assert!(Instant::now() < deadline, "the retried write never landed");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -365,12 +358,16 @@ async fn a_rotated_token_that_cannot_be_written_is_kept_used_reported_and_writte
     // A volume gone read-only is the same story, with its own reason (tmpfs only).
     if disk.read_only() {
         assert_eq!(force_refresh(&c, addr, "a").await, 200);
-        let v = admin_account(&c, addr, "a").await;
+        let v = admin_account(&c, addr, "a", ADMIN).await;
         let error = v["persist"]["error"].as_str().unwrap_or_default();
         assert!(error.contains("Read-only file system"), "{v}");
         disk.writable_again();
         let deadline = Instant::now() + Duration::from_secs(15);
-        while admin_account(&c, addr, "a").await.get("persist").is_some() {
+        while admin_account(&c, addr, "a", ADMIN)
+            .await
+            .get("persist")
+            .is_some()
+        {
             assert!(Instant::now() < deadline, "the retried write never landed");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -382,7 +379,7 @@ async fn a_rotated_token_that_cannot_be_written_is_kept_used_reported_and_writte
     disk.fill();
     assert_eq!(force_refresh(&c, addr, "a").await, 200);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while failed_writes(&admin_account(&c, addr, "a").await) < 2 {
+    while failed_writes(&admin_account(&c, addr, "a", ADMIN).await) < 2 {
         assert!(Instant::now() < deadline, "no retried write");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

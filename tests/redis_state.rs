@@ -109,15 +109,7 @@ async fn assert_refused_and_not_served(
 ) {
     let r = ask(c, addr, &format!("account={account}&proto=imap"), None).await;
     assert_ne!(r.status, 200, "{account} must not be served: {}", r.body);
-    let v: Value = c
-        .get(format!("http://{addr}/v1/accounts/{account}"))
-        .basic_auth(ADMIN.0, Some(ADMIN.1))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = admin_account(c, addr, account, ADMIN).await;
     assert_eq!(v["persist"]["state"], "refused", "{account}: {v}");
     let e = v["persist"]["error"].as_str().unwrap();
     assert!(e.contains(why), "{account}: {e}");

@@ -571,6 +571,23 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// `GET /v1/accounts/{account}` with the admin credentials `admin`: the account's status.
+pub async fn admin_account(
+    c: &reqwest::Client,
+    addr: SocketAddr,
+    account: &str,
+    admin: (&str, &str),
+) -> serde_json::Value {
+    let r = c
+        .get(format!("http://{addr}/v1/accounts/{account}"))
+        .basic_auth(admin.0, Some(admin.1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "GET /v1/accounts/{account}");
+    r.json().await.unwrap()
+}
+
 /// `GET /authentication?account=..&proto=..` with optional Basic credentials.
 pub async fn ask(
     client: &reqwest::Client,
