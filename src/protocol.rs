@@ -293,7 +293,11 @@ pub fn token_answer(user: &str, access_token: &Secret) -> Result<Bytes, AnswerEr
 /// A `{"user","accessToken"}` answer that passed EmailEngine's limits, not yet
 /// serialized: the cache checks it before it takes the token it replaces out of its
 /// cell, and serializes it into that token's buffer.
-pub struct ValidTokenAnswer<'a>(TokenAnswer<'a>);
+pub struct ValidTokenAnswer<'a> {
+    answer: TokenAnswer<'a>,
+    /// Its serialized length, measured once: the buffer it goes into is chosen by it.
+    len: usize,
+}
 
 impl<'a> ValidTokenAnswer<'a> {
     /// Checks `user` and `access_token` against EmailEngine's limits, and the token
@@ -308,10 +312,12 @@ impl<'a> ValidTokenAnswer<'a> {
         if !is_b64token(token) {
             return Err(AnswerError::AccessTokenCharacters);
         }
-        Ok(ValidTokenAnswer(TokenAnswer {
+        let answer = TokenAnswer {
             user,
             access_token: access_token.expose(),
-        }))
+        };
+        let len = serialized_len(&answer);
+        Ok(ValidTokenAnswer { answer, len })
     }
 
     /// The answer's bytes, written into `previous`'s buffer when nothing else holds it
@@ -320,29 +326,26 @@ impl<'a> ValidTokenAnswer<'a> {
     /// allocations split, until tens of MB of heap are unusable (BENCHMARKS.md, P5);
     /// a refreshed token is nearly always the same length as the one it replaces.
     pub fn to_bytes(&self, previous: Option<Bytes>) -> Bytes {
-        let len = self.byte_len();
-        if let Some(Ok(mut buf)) = previous.map(Bytes::try_into_mut) {
-            if buf.capacity() >= len {
+        let mut buf = match previous.map(Bytes::try_into_mut) {
+            Some(Ok(mut buf)) if buf.capacity() >= self.len => {
                 buf.clear();
-                // Serializing a struct of &str fields cannot fail.
-                let _ = serde_json::to_writer(bytes::BufMut::writer(&mut buf), &self.0);
-                return buf.freeze();
+                buf
             }
-        }
-        let mut buf = answer_buffer(answer_capacity(len));
-        let _ = serde_json::to_writer(bytes::BufMut::writer(&mut buf), &self.0);
+            _ => answer_buffer(answer_capacity(self.len)),
+        };
+        // Serializing a struct of &str fields cannot fail.
+        let _ = serde_json::to_writer(bytes::BufMut::writer(&mut buf), &self.answer);
         buf.freeze()
     }
 
     /// The answer's length in bytes.
     pub fn byte_len(&self) -> usize {
-        serialized_len(&self.0)
+        self.len
     }
 }
 
 /// The buffer an answer of `len` bytes is given: room for a successor a few bytes longer
-/// (JWT claims vary a little). Always a multiple of [`ANSWER_SLACK`], so the capacity of
-/// a buffer that held `len` bytes is at least `answer_capacity(len)`.
+/// (JWT claims vary a little).
 pub fn answer_capacity(len: usize) -> usize {
     len.next_multiple_of(ANSWER_SLACK)
 }
